@@ -1,0 +1,71 @@
+//! mxlb's kernel relay.
+//!
+//! One stream verdict program, attached to the `mxlb_socks` SOCKHASH in verdict-only mode
+//! (no stream parser). The daemon pairs a client and a server socket by storing, under each
+//! socket's cookie, the *other* socket. For every chunk of bytes a paired socket receives,
+//! this program either redirects it out of the peer socket or holds it in the socket's own
+//! receive queue for the daemon, and counts which. Policy (who is paired, when to hold)
+//! lives in user space; this stays small on purpose.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::sk_action::SK_PASS,
+    helpers::bpf_get_socket_cookie,
+    macros::{map, stream_verdict},
+    maps::{HashMap, SockHash},
+    programs::SkBuffContext,
+};
+use aya_log_ebpf::debug;
+use balancer_common::{DEFAULT_MAX_SOCKETS, Handover, Traffic};
+
+#[map(name = "mxlb_socks")]
+static MXLB_SOCKS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+#[map(name = "mxlb_traffic")]
+static MXLB_TRAFFIC: HashMap<u64, Traffic> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+#[map(name = "mxlb_handover")]
+static MXLB_HANDOVER: HashMap<u64, Handover> =
+    HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+#[stream_verdict]
+pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the helper only reads the skb's socket.
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
+    let len = u64::from(ctx.len());
+
+    // A socket the daemon has not (or no longer) registered: leave its bytes to the daemon.
+    let Some(traffic) = MXLB_TRAFFIC.get_ptr_mut(&cookie) else {
+        return SK_PASS;
+    };
+    // SAFETY: the pointer is valid for this program run. Runs for one socket are serialised
+    // by the socket lock, and the daemon never rewrites this value, only reads it.
+    let traffic = unsafe { &mut *traffic };
+
+    // SAFETY: plain read of a value the daemon replaces atomically.
+    let forwarded = unsafe { MXLB_HANDOVER.get(&cookie) }.map_or(0, |h| h.forwarded);
+    if traffic.held != forwarded {
+        // The daemon still owns earlier bytes of this direction: queue behind them.
+        traffic.held += len;
+        return SK_PASS;
+    }
+
+    if MXLB_SOCKS.redirect_skb(&ctx, &mut cookie, 0) == i64::from(SK_PASS) {
+        traffic.redirected += len;
+        return SK_PASS;
+    }
+
+    // No peer under our cookie (pairing not finished, or the peer is closing): hold the
+    // bytes rather than let the kernel drop them.
+    traffic.held += len;
+    debug!(&ctx, "mxlb: no peer for cookie {}, holding {} bytes", cookie, len);
+    SK_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects programs that could reach a panic.
+    unsafe { core::hint::unreachable_unchecked() }
+}

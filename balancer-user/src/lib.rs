@@ -1,0 +1,1 @@
+//! mxlb placeholder

@@ -1,0 +1,1 @@
+//! Fixtures for mxlb integration tests.
