@@ -1,1 +1,24 @@
-//! mxlb placeholder
+//! mxlb: a load balancer for inbound SMTP that relays mail in the kernel.
+//!
+//! The data path, in the order a connection meets it:
+//!
+//! - [`daemon`]: binds the listeners, accepts, and stops gracefully on SIGTERM/SIGINT.
+//! - [`session`]: one client: [`balance`] picks a server, connect (with retries), write the
+//!   [`proxy_header`], hand the pair to the [`relay`], log one line when it ends.
+//! - [`relay`]: moves the bytes. The kernel relay pairs the two sockets in an eBPF SOCKHASH
+//!   (program in `balancer-ebpf`, shared types in `balancer-common`) and only watches for
+//!   held bytes, half-close and teardown; the user-space relay copies.
+//!
+//! Beside it: [`config`] (TOML into validated types, errors with file:line:col),
+//! [`logging`], [`sockopt`] (the socket facts the kernel relay needs) and [`demo`] (two
+//! built-in PROXY-speaking backends for `mxlb demo`).
+
+pub mod balance;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod logging;
+pub mod proxy_header;
+pub mod relay;
+pub mod session;
+pub mod sockopt;

@@ -1,0 +1,1258 @@
+//! The TOML configuration (`/etc/mxlb/mxlb.toml`), parsed into validated types.
+//!
+//! Parsing happens in two steps. serde reads the text into private `Raw*` structs that
+//! keep the position of every value that a later check may complain about
+//! ([`toml::Spanned`]); conversions that need no context (durations, addresses, enum
+//! words) run inside `Deserialize` so that toml attaches the position by itself. Then the
+//! raw structs are checked and turned into the public types, which carry no positions.
+//!
+//! Every error tied to a place in the file reads `file:line:col: message` (1-based), the
+//! format `mxlb check-config` prints and editors understand.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use toml::Spanned;
+
+use crate::proxy_header::ProxyVersion;
+
+const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/mxlb";
+const DEFAULT_MAXCONN: u32 = 20_000;
+const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_RETRIES: u32 = 3;
+const MAX_RETRIES: u32 = 100;
+const DEFAULT_TIMEOUT_CONNECT: Duration = Duration::from_secs(5);
+/// RFC 5321 section 4.5.3.2 asks for 5 to 10 minute timeouts between commands.
+const DEFAULT_TIMEOUT_IDLE: Duration = Duration::from_secs(600);
+const DEFAULT_INTER: Duration = Duration::from_secs(2);
+const DEFAULT_RISE: u32 = 2;
+const DEFAULT_FALL: u32 = 3;
+const DEFAULT_WEIGHT: u32 = 1;
+/// HAProxy's maximum server weight.
+const MAX_WEIGHT: u32 = 256;
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub global: Global,
+    /// The HTTP stats and admin endpoint; `None` when `[stats]` is absent.
+    pub stats: Option<Stats>,
+    pub listeners: Vec<Listener>,
+}
+
+/// `[global]`: process-wide settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Global {
+    /// Where maps and programs are pinned, for bpftool.
+    pub pin_path: PathBuf,
+    pub relay: RelayMode,
+    /// Most client connections open at once, over all listeners.
+    pub maxconn: u32,
+    /// How long relays may finish after SIGTERM/SIGINT.
+    pub grace: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Default for Global {
+    fn default() -> Self {
+        Global {
+            pin_path: PathBuf::from(DEFAULT_PIN_PATH),
+            relay: RelayMode::Auto,
+            maxconn: DEFAULT_MAXCONN,
+            grace: DEFAULT_GRACE,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// How established connections are relayed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// The sockmap if the kernel allows it, otherwise userspace.
+    #[default]
+    Auto,
+    /// In the kernel through the eBPF sockmap; failing to load it is an error.
+    Sockmap,
+    /// Copies in userspace, without eBPF.
+    Userspace,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[stats]`: the HTTP stats page, API and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stats {
+    pub bind: SocketAddr,
+    /// Bearer token for the admin endpoints; `None` turns them off.
+    pub admin_token: Option<String>,
+}
+
+/// One `[[listen]]` section: addresses to accept on and the servers behind them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub bind: Vec<SocketAddr>,
+    pub balance: Balance,
+    /// Read a PROXY header (v1 or v2) from each client before relaying.
+    pub accept_proxy: bool,
+    /// Connect attempts to servers before giving up on the client.
+    pub retries: u32,
+    /// A retry goes to another server.
+    pub redispatch: bool,
+    pub timeout_connect: Duration,
+    pub timeout_idle: Duration,
+    pub check: Check,
+    /// In file order; the TOML key is `[[listen.server]]`.
+    pub servers: Vec<Server>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// Weighted round robin.
+    #[default]
+    RoundRobin,
+    /// The server with the fewest current connections.
+    LeastConn,
+    /// A hash of the client address, so a client keeps its server.
+    Source,
+    /// The first server (in file order) with a free slot.
+    First,
+}
+
+/// `[listen.check]`: the health check of the listener's servers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    /// `None` when `[listen.check]` is absent: servers are always considered up.
+    pub kind: CheckType,
+    pub verb: SmtpVerb,
+    /// Sent with HELO/EHLO. Defaults to the host name, because Postfix with strict HELO
+    /// restrictions answers `HELO localhost` with 504.
+    pub domain: String,
+    /// Between checks while the state is stable and up.
+    pub inter: Duration,
+    /// Between checks while a state change is pending.
+    pub fastinter: Duration,
+    /// Between checks while down.
+    pub downinter: Duration,
+    /// Consecutive successes to go up.
+    pub rise: u32,
+    /// Consecutive failures to go down.
+    pub fall: u32,
+    /// For one whole check, connect to QUIT.
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckType {
+    /// Banner, HELO/EHLO, QUIT; only 2xx replies pass (HAProxy `option smtpchk`).
+    Smtp,
+    /// A TCP connect only.
+    Tcp,
+    /// No check: always up.
+    None,
+}
+
+/// The greeting command of SMTP checks. HELO is HAProxy's default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum SmtpVerb {
+    #[default]
+    #[serde(rename = "HELO", alias = "helo")]
+    Helo,
+    #[serde(rename = "EHLO", alias = "ehlo")]
+    Ehlo,
+}
+
+impl SmtpVerb {
+    /// The command as sent on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SmtpVerb::Helo => "HELO",
+            SmtpVerb::Ehlo => "EHLO",
+        }
+    }
+}
+
+/// One `[[listen.server]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Server {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// PROXY header sent first on every connection, health checks included.
+    pub send_proxy: SendProxy,
+    /// Relative share of new connections, 0..=256; 0 takes no new connections.
+    pub weight: u32,
+    /// Used only when no non-backup server is up.
+    pub backup: bool,
+    /// Health-check this server (when the listener has a check).
+    pub check: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    #[default]
+    None,
+    V1,
+    V2,
+}
+
+impl SendProxy {
+    /// The PROXY protocol version to send, if any.
+    pub fn version(self) -> Option<ProxyVersion> {
+        match self {
+            SendProxy::None => None,
+            SendProxy::V1 => Some(ProxyVersion::V1),
+            SendProxy::V2 => Some(ProxyVersion::V2),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Anything wrong inside the file, with its 1-based position.
+    #[error("{origin}:{line}:{col}: {message}")]
+    At {
+        origin: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ConfigError {
+    /// The process exit code for a refused configuration (bad config or bad arguments).
+    pub fn exit_code(&self) -> i32 {
+        2
+    }
+
+    /// Builds a positioned error from a byte offset into `text`.
+    fn at(origin: &str, text: &str, offset: usize, message: &str) -> ConfigError {
+        let (line, col) = line_col(text, offset);
+        ConfigError::At {
+            origin: origin.to_owned(),
+            line,
+            col,
+            // toml's messages may span lines; the contract wants one line per error.
+            message: message
+                .trim()
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = text.get(..offset).unwrap_or_default();
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    let column = before.get(line_start..).unwrap_or_default().chars().count();
+    (before.matches('\n').count() + 1, column + 1)
+}
+
+impl Config {
+    /// Reads and validates the file at `path`; errors name `path` as the origin.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates `text`; `origin` is the file name used in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| {
+            let offset = error.span().map_or(0, |span| span.start);
+            ConfigError::at(origin, text, offset, error.message())
+        })?;
+        raw.validate()
+            .map_err(|invalid| ConfigError::at(origin, text, invalid.span.start, &invalid.message))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation: raw structs to public types.
+
+/// A semantic error at a place in the file, before it is turned into a [`ConfigError`].
+struct Invalid {
+    span: Range<usize>,
+    message: String,
+}
+
+type Validated<T> = Result<T, Invalid>;
+
+fn invalid<T>(span: Range<usize>, message: impl Into<String>) -> Validated<T> {
+    Err(Invalid {
+        span,
+        message: message.into(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    global: RawGlobal,
+    stats: Option<RawStats>,
+    listen: Option<Spanned<Vec<RawListener>>>,
+}
+
+impl RawConfig {
+    /// Sections are checked in the order they usually appear in the file.
+    fn validate(self) -> Validated<Config> {
+        let global = self.global.validate()?;
+        let stats = self.stats.map(RawStats::validate).transpose()?;
+        let listeners = match self.listen {
+            Some(listen) if listen.get_ref().is_empty() => {
+                return invalid(listen.span(), "at least one [[listen]] is needed");
+            }
+            Some(listen) => listeners(listen.into_inner())?,
+            None => return invalid(0..0, "no [[listen]] section: nothing to balance"),
+        };
+        Ok(Config {
+            global,
+            stats,
+            listeners,
+        })
+    }
+}
+
+/// Validates each listener, then what must be unique across listeners.
+fn listeners(raw: Vec<RawListener>) -> Validated<Vec<Listener>> {
+    let mut names = HashSet::new();
+    let mut binds: HashMap<SocketAddr, String> = HashMap::new();
+    let mut listeners = Vec::with_capacity(raw.len());
+    for raw in raw {
+        let name_span = raw.name.span();
+        let bind_span = raw.bind.span();
+        let listener = raw.validate()?;
+        if !names.insert(listener.name.clone()) {
+            return invalid(
+                name_span,
+                format!("duplicate listener name {:?}", listener.name),
+            );
+        }
+        for addr in &listener.bind {
+            if let Some(other) = binds.insert(*addr, listener.name.clone()) {
+                return invalid(
+                    bind_span,
+                    format!("{addr} is already bound by listener {other:?}"),
+                );
+            }
+        }
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    pin_path: Option<PathBuf>,
+    relay: Option<RelayMode>,
+    maxconn: Option<Spanned<u32>>,
+    grace: Option<HumanDuration>,
+    log_format: Option<LogFormat>,
+}
+
+impl RawGlobal {
+    fn validate(self) -> Validated<Global> {
+        let defaults = Global::default();
+        Ok(Global {
+            pin_path: self.pin_path.unwrap_or(defaults.pin_path),
+            relay: self.relay.unwrap_or(defaults.relay),
+            maxconn: bounded(self.maxconn, defaults.maxconn, 1..=u32::MAX, "maxconn")?,
+            grace: self.grace.map_or(defaults.grace, |grace| grace.0),
+            log_format: self.log_format.unwrap_or(defaults.log_format),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStats {
+    bind: SocketAddress,
+    admin_token: Option<Spanned<String>>,
+}
+
+impl RawStats {
+    fn validate(self) -> Validated<Stats> {
+        let admin_token = match self.admin_token {
+            // The token travels in an HTTP header: visible ASCII only, and not empty,
+            // which would make "Bearer " a valid credential.
+            Some(token) if !is_visible_ascii(token.get_ref()) => {
+                return invalid(token.span(), "admin_token must be non-empty visible ASCII");
+            }
+            token => token.map(Spanned::into_inner),
+        };
+        Ok(Stats {
+            bind: self.bind.0,
+            admin_token,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    bind: Spanned<BindList>,
+    balance: Option<Balance>,
+    accept_proxy: Option<bool>,
+    retries: Option<Spanned<u32>>,
+    redispatch: Option<bool>,
+    timeout_connect: Option<Spanned<HumanDuration>>,
+    timeout_idle: Option<Spanned<HumanDuration>>,
+    check: Option<RawCheck>,
+    #[serde(default)]
+    server: Vec<RawServer>,
+}
+
+impl RawListener {
+    fn validate(self) -> Validated<Listener> {
+        let name_span = self.name.span();
+        let name = url_safe_name(self.name, "listener")?;
+        if self.bind.get_ref().0.is_empty() {
+            return invalid(self.bind.span(), "bind needs at least one address");
+        }
+        Ok(Listener {
+            bind: self.bind.into_inner().0,
+            balance: self.balance.unwrap_or_default(),
+            accept_proxy: self.accept_proxy.unwrap_or(false),
+            retries: bounded(self.retries, DEFAULT_RETRIES, 0..=MAX_RETRIES, "retries")?,
+            redispatch: self.redispatch.unwrap_or(true),
+            timeout_connect: nonzero(
+                self.timeout_connect,
+                DEFAULT_TIMEOUT_CONNECT,
+                "timeout_connect",
+            )?,
+            timeout_idle: nonzero(self.timeout_idle, DEFAULT_TIMEOUT_IDLE, "timeout_idle")?,
+            check: check(self.check)?,
+            servers: servers(self.server, &name, name_span)?,
+            name,
+        })
+    }
+}
+
+/// A listener's servers; `listener` and its span are for the error when there are none.
+fn servers(raw: Vec<RawServer>, listener: &str, span: Range<usize>) -> Validated<Vec<Server>> {
+    if raw.is_empty() {
+        return invalid(
+            span,
+            format!("listener {listener:?} has no [[listen.server]]"),
+        );
+    }
+    let mut names = HashSet::new();
+    let mut servers = Vec::with_capacity(raw.len());
+    for raw in raw {
+        let name_span = raw.name.span();
+        let server = raw.validate()?;
+        if !names.insert(server.name.clone()) {
+            return invalid(
+                name_span,
+                format!("duplicate server name {:?} in this listener", server.name),
+            );
+        }
+        servers.push(server);
+    }
+    Ok(servers)
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    #[serde(rename = "type")]
+    kind: Option<CheckType>,
+    verb: Option<SmtpVerb>,
+    domain: Option<Spanned<String>>,
+    inter: Option<Spanned<HumanDuration>>,
+    fastinter: Option<Spanned<HumanDuration>>,
+    downinter: Option<Spanned<HumanDuration>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+    timeout: Option<Spanned<HumanDuration>>,
+}
+
+/// Without `[listen.check]` there is no check (like an HAProxy server without `check`);
+/// with it, the type defaults to `smtp`. Other settings get their defaults either way so
+/// that turning a check on at runtime needs no second set of defaults.
+fn check(raw: Option<RawCheck>) -> Validated<Check> {
+    let (raw, default_kind) = match raw {
+        Some(raw) => (raw, CheckType::Smtp),
+        None => (RawCheck::default(), CheckType::None),
+    };
+    let inter = nonzero(raw.inter, DEFAULT_INTER, "inter")?;
+    Ok(Check {
+        kind: raw.kind.unwrap_or(default_kind),
+        verb: raw.verb.unwrap_or_default(),
+        domain: helo_domain(raw.domain)?,
+        inter,
+        fastinter: nonzero(raw.fastinter, inter, "fastinter")?,
+        downinter: nonzero(raw.downinter, inter, "downinter")?,
+        rise: bounded(raw.rise, DEFAULT_RISE, 1..=u32::MAX, "rise")?,
+        fall: bounded(raw.fall, DEFAULT_FALL, 1..=u32::MAX, "fall")?,
+        timeout: nonzero(raw.timeout, inter, "timeout")?,
+    })
+}
+
+/// The HELO/EHLO argument goes into an SMTP command line: one visible-ASCII word.
+fn helo_domain(raw: Option<Spanned<String>>) -> Validated<String> {
+    match raw {
+        None => Ok(default_domain()),
+        Some(domain) if is_visible_ascii(domain.get_ref()) => Ok(domain.into_inner()),
+        Some(domain) => invalid(domain.span(), "domain must be one word of visible ASCII"),
+    }
+}
+
+/// The machine's host name, or `localhost` if it cannot be read.
+fn default_domain() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| is_visible_ascii(name))
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    name: Spanned<String>,
+    addr: SocketAddress,
+    send_proxy: Option<SendProxy>,
+    weight: Option<Spanned<u32>>,
+    backup: Option<bool>,
+    check: Option<bool>,
+}
+
+impl RawServer {
+    fn validate(self) -> Validated<Server> {
+        Ok(Server {
+            name: url_safe_name(self.name, "server")?,
+            addr: self.addr.0,
+            send_proxy: self.send_proxy.unwrap_or_default(),
+            weight: bounded(self.weight, DEFAULT_WEIGHT, 0..=MAX_WEIGHT, "weight")?,
+            backup: self.backup.unwrap_or(false),
+            check: self.check.unwrap_or(true),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small checks shared by the sections.
+
+/// Listener and server names appear in URLs (`/api/servers/{listen}/{server}/state`) and
+/// metric labels, so they are restricted to characters that need no escaping.
+fn url_safe_name(name: Spanned<String>, what: &str) -> Validated<String> {
+    let text = name.get_ref();
+    let valid = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if valid {
+        return Ok(name.into_inner());
+    }
+    let message =
+        format!("invalid {what} name {text:?}: use only letters, digits, '_', '.' and '-'");
+    invalid(name.span(), message)
+}
+
+fn bounded(
+    value: Option<Spanned<u32>>,
+    default: u32,
+    range: RangeInclusive<u32>,
+    what: &str,
+) -> Validated<u32> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let number = *value.get_ref();
+    match (range.contains(&number), *range.end()) {
+        (true, _) => Ok(number),
+        (false, u32::MAX) => invalid(
+            value.span(),
+            format!("{what} must be at least {}, not {number}", range.start()),
+        ),
+        (false, end) => invalid(
+            value.span(),
+            format!(
+                "{what} must be between {} and {end}, not {number}",
+                range.start()
+            ),
+        ),
+    }
+}
+
+/// A duration that must not be zero: intervals and timeouts of zero would spin or fail
+/// every attempt at once.
+fn nonzero(
+    value: Option<Spanned<HumanDuration>>,
+    default: Duration,
+    what: &str,
+) -> Validated<Duration> {
+    match value {
+        None => Ok(default),
+        Some(value) if value.get_ref().0.is_zero() => {
+            invalid(value.span(), format!("{what} must be longer than zero"))
+        }
+        Some(value) => Ok(value.into_inner().0),
+    }
+}
+
+fn is_visible_ascii(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_graphic())
+}
+
+// ---------------------------------------------------------------------------------------
+// Value types converted inside `Deserialize`, so toml reports errors at the value.
+
+/// A duration written as a string with a unit, such as `"2s"` or `"10m"` (humantime
+/// syntax). Bare numbers are refused: `timeout = 5` could mean seconds or milliseconds.
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(HumanDurationVisitor)
+    }
+}
+
+struct HumanDurationVisitor;
+
+impl Visitor<'_> for HumanDurationVisitor {
+    type Value = HumanDuration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration string with a unit, such as \"2s\", \"500ms\" or \"10m\"")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<HumanDuration, E> {
+        // humantime takes a bare "0"; we want a unit everywhere.
+        if !text.chars().any(char::is_alphabetic) {
+            return Err(E::custom(format!(
+                "invalid duration {text:?}: a unit is needed, such as \"{text}s\" or \"{text}ms\""
+            )));
+        }
+        humantime::parse_duration(text)
+            .map(HumanDuration)
+            .map_err(|error| E::custom(format!("invalid duration {text:?}: {error}")))
+    }
+}
+
+const ADDRESS_EXAMPLES: &str = r#""192.0.2.10:25" or "[2001:db8::10]:25""#;
+
+/// An `IP:port` address; IPv6 in brackets. Port 0 is refused: it would bind a random port
+/// or connect nowhere.
+struct SocketAddress(SocketAddr);
+
+impl<'de> Deserialize<'de> for SocketAddress {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(SocketAddressVisitor)
+    }
+}
+
+struct SocketAddressVisitor;
+
+impl Visitor<'_> for SocketAddressVisitor {
+    type Value = SocketAddress;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an address string such as {ADDRESS_EXAMPLES}")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<SocketAddress, E> {
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if addr.port() == 0 => {
+                Err(E::custom(format!("invalid address {text:?}: port 0")))
+            }
+            Ok(addr) => Ok(SocketAddress(addr)),
+            Err(_) => Err(E::custom(format!(
+                "invalid address {text:?}: expected IP:port, such as {ADDRESS_EXAMPLES}"
+            ))),
+        }
+    }
+}
+
+/// `bind`: one address string or an array of them.
+struct BindList(Vec<SocketAddr>);
+
+impl<'de> Deserialize<'de> for BindList {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(BindListVisitor)
+    }
+}
+
+struct BindListVisitor;
+
+impl<'de> Visitor<'de> for BindListVisitor {
+    type Value = BindList;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an address string or an array of them, such as [\"0.0.0.0:25\", \"[::]:25\"]")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<BindList, E> {
+        SocketAddressVisitor
+            .visit_str(text)
+            .map(|addr| BindList(vec![addr.0]))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<BindList, A::Error> {
+        let mut addrs = Vec::new();
+        while let Some(addr) = seq.next_element::<SocketAddress>()? {
+            addrs.push(addr.0);
+        }
+        Ok(BindList(addrs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of the user-facing contract, verbatim apart from the token.
+    const CONTRACT_EXAMPLE: &str = r#"[global]
+pin_path = "/sys/fs/bpf/mxlb"   # maps and programs pinned here for bpftool
+relay = "auto"                  # auto | sockmap | userspace
+maxconn = 20000
+grace = "30s"
+log_format = "text"             # text | json
+
+[stats]
+bind = "127.0.0.1:8404"
+admin_token = "s3cret"          # admin endpoints refused (401) without it; absent = admin off
+
+[[listen]]
+name = "smtp"
+bind = ["0.0.0.0:25", "[::]:25"]
+balance = "roundrobin"          # roundrobin (weighted) | leastconn | source | first
+accept_proxy = false            # parse a PROXY header from an upstream balancer
+retries = 3                     # connect attempts before giving up on the client
+redispatch = true               # a retry goes to another server
+timeout_connect = "5s"
+timeout_idle = "10m"            # RFC 5321 timeouts are 5-10 minutes
+
+[listen.check]
+type = "smtp"                   # smtp | tcp | none
+verb = "EHLO"                   # HELO | EHLO
+domain = "lb.example.com"
+inter = "2s"
+fastinter = "1s"                # while a state change is pending
+downinter = "5s"                # while down
+rise = 2
+fall = 3
+timeout = "2s"
+
+[[listen.server]]
+name = "mail1"
+addr = "192.0.2.10:25"          # IPv4 or [IPv6]:port
+send_proxy = "v1"               # none | v1 | v2 ; health checks carry it too (v2: LOCAL)
+weight = 1
+backup = false
+check = true
+"#;
+
+    const MINIMAL: &str = r#"[[listen]]
+name = "smtp"
+bind = "127.0.0.1:2525"
+
+[[listen.server]]
+name = "mail1"
+addr = "127.0.0.1:10025"
+"#;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("test address")
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "mxlb.toml")
+    }
+
+    /// Parses `text`, expecting an error, and returns its message.
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(config) => panic!("accepted: {config:?}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    fn assert_error(text: &str, prefix: &str, contains: &str) {
+        let message = error(text);
+        assert!(
+            message.starts_with(prefix),
+            "{message:?} should start with {prefix:?}"
+        );
+        assert!(
+            message.contains(contains),
+            "{message:?} should contain {contains:?}"
+        );
+        assert_eq!(message.lines().count(), 1, "{message:?}");
+    }
+
+    /// The minimal config with `extra` appended to the listener (before its server).
+    fn with_listener_keys(extra: &str) -> String {
+        MINIMAL.replace(
+            "bind = \"127.0.0.1:2525\"\n",
+            &format!("bind = \"127.0.0.1:2525\"\n{extra}"),
+        )
+    }
+
+    #[test]
+    fn contract_example() {
+        let config = parse(CONTRACT_EXAMPLE).expect("contract example parses");
+        let expected = Config {
+            global: Global {
+                pin_path: PathBuf::from("/sys/fs/bpf/mxlb"),
+                relay: RelayMode::Auto,
+                maxconn: 20000,
+                grace: Duration::from_secs(30),
+                log_format: LogFormat::Text,
+            },
+            stats: Some(Stats {
+                bind: addr("127.0.0.1:8404"),
+                admin_token: Some("s3cret".to_owned()),
+            }),
+            listeners: vec![Listener {
+                name: "smtp".to_owned(),
+                bind: vec![addr("0.0.0.0:25"), addr("[::]:25")],
+                balance: Balance::RoundRobin,
+                accept_proxy: false,
+                retries: 3,
+                redispatch: true,
+                timeout_connect: Duration::from_secs(5),
+                timeout_idle: Duration::from_secs(600),
+                check: Check {
+                    kind: CheckType::Smtp,
+                    verb: SmtpVerb::Ehlo,
+                    domain: "lb.example.com".to_owned(),
+                    inter: Duration::from_secs(2),
+                    fastinter: Duration::from_secs(1),
+                    downinter: Duration::from_secs(5),
+                    rise: 2,
+                    fall: 3,
+                    timeout: Duration::from_secs(2),
+                },
+                servers: vec![Server {
+                    name: "mail1".to_owned(),
+                    addr: addr("192.0.2.10:25"),
+                    send_proxy: SendProxy::V1,
+                    weight: 1,
+                    backup: false,
+                    check: true,
+                }],
+            }],
+        };
+        assert_eq!(config, expected);
+        assert_eq!(
+            config.listeners[0].servers[0].send_proxy.version(),
+            Some(ProxyVersion::V1)
+        );
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse(MINIMAL).expect("minimal config parses");
+        assert_eq!(config.global, Global::default());
+        assert_eq!(config.global.pin_path, PathBuf::from("/sys/fs/bpf/mxlb"));
+        assert_eq!(config.global.maxconn, 20000);
+        assert_eq!(config.global.grace, Duration::from_secs(30));
+        assert_eq!(config.stats, None);
+        let listener = &config.listeners[0];
+        assert_eq!(listener.bind, vec![addr("127.0.0.1:2525")]);
+        assert_eq!(listener.balance, Balance::RoundRobin);
+        assert!(!listener.accept_proxy);
+        assert_eq!(listener.retries, 3);
+        assert!(listener.redispatch);
+        assert_eq!(listener.timeout_connect, Duration::from_secs(5));
+        assert_eq!(listener.timeout_idle, Duration::from_secs(600));
+        assert_eq!(
+            listener.check,
+            Check {
+                kind: CheckType::None,
+                verb: SmtpVerb::Helo,
+                domain: default_domain(),
+                inter: Duration::from_secs(2),
+                fastinter: Duration::from_secs(2),
+                downinter: Duration::from_secs(2),
+                rise: 2,
+                fall: 3,
+                timeout: Duration::from_secs(2),
+            }
+        );
+        let server = &listener.servers[0];
+        assert_eq!(server.send_proxy, SendProxy::None);
+        assert_eq!(server.send_proxy.version(), None);
+        assert_eq!(server.weight, 1);
+        assert!(!server.backup);
+        assert!(server.check);
+    }
+
+    #[test]
+    fn check_section_defaults() {
+        let config =
+            parse(&format!("{MINIMAL}\n[listen.check]\ninter = \"3s\"\n")).expect("parses");
+        let check = &config.listeners[0].check;
+        assert_eq!(check.kind, CheckType::Smtp);
+        assert_eq!(check.verb, SmtpVerb::Helo);
+        assert_eq!(check.fastinter, Duration::from_secs(3));
+        assert_eq!(check.downinter, Duration::from_secs(3));
+        assert_eq!(check.timeout, Duration::from_secs(3));
+        assert!(!check.domain.is_empty());
+        assert!(!check.domain.contains(char::is_whitespace));
+    }
+
+    #[test]
+    fn bind_as_string_or_array_and_ipv6() {
+        let config =
+            parse(&MINIMAL.replace("\"127.0.0.1:2525\"", "[\"[::1]:25\", \"127.0.0.1:25\"]"))
+                .expect("parses");
+        assert_eq!(
+            config.listeners[0].bind,
+            vec![addr("[::1]:25"), addr("127.0.0.1:25")]
+        );
+        let config =
+            parse(&MINIMAL.replace("\"127.0.0.1:10025\"", "\"[::1]:25\"")).expect("parses");
+        assert_eq!(config.listeners[0].servers[0].addr, addr("[::1]:25"));
+        let config = parse(&MINIMAL.replace("\"127.0.0.1:2525\"", "\"[2001:db8::1]:2525\""))
+            .expect("parses");
+        assert_eq!(config.listeners[0].bind, vec![addr("[2001:db8::1]:2525")]);
+    }
+
+    #[test]
+    fn enum_words() {
+        let text = with_listener_keys("balance = \"leastconn\"\n").replace(
+            "addr = \"127.0.0.1:10025\"",
+            "addr = \"127.0.0.1:10025\"\nsend_proxy = \"v2\"",
+        ) + "[global]\nrelay = \"userspace\"\nlog_format = \"json\"\n";
+        let config = parse(&text).expect("parses");
+        assert_eq!(config.global.relay, RelayMode::Userspace);
+        assert_eq!(config.global.log_format, LogFormat::Json);
+        assert_eq!(config.listeners[0].balance, Balance::LeastConn);
+        assert_eq!(
+            config.listeners[0].servers[0].send_proxy.version(),
+            Some(ProxyVersion::V2)
+        );
+        for (word, balance) in [("source", Balance::Source), ("first", Balance::First)] {
+            let config =
+                parse(&with_listener_keys(&format!("balance = \"{word}\"\n"))).expect("parses");
+            assert_eq!(config.listeners[0].balance, balance);
+        }
+    }
+
+    #[test]
+    fn durations_need_units() {
+        let config = parse(&with_listener_keys(
+            "timeout_connect = \"1500ms\"\ntimeout_idle = \"1h\"\n",
+        ))
+        .expect("parses");
+        assert_eq!(
+            config.listeners[0].timeout_connect,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(config.listeners[0].timeout_idle, Duration::from_secs(3600));
+        assert_error(
+            &with_listener_keys("timeout_connect = 5\n"),
+            "mxlb.toml:4:19:",
+            "expected a duration string",
+        );
+        assert_error(
+            &with_listener_keys("timeout_connect = \"5\"\n"),
+            "mxlb.toml:4:19:",
+            "a unit is needed",
+        );
+        assert_error(
+            &with_listener_keys("timeout_connect = \"0\"\n"),
+            "mxlb.toml:4:19:",
+            "a unit is needed",
+        );
+        assert_error(
+            &with_listener_keys("timeout_connect = \"5 parsecs\"\n"),
+            "mxlb.toml:4:19:",
+            "invalid duration",
+        );
+        assert_error(
+            &with_listener_keys("timeout_connect = \"0s\"\n"),
+            "mxlb.toml:4:19:",
+            "longer than zero",
+        );
+    }
+
+    #[test]
+    fn syntax_error_position() {
+        assert_error("[global]\nmaxconn = = 3\n", "mxlb.toml:2:11: ", "expected");
+        assert_error("[[listen]\n", "mxlb.toml:1:10: ", "unclosed array table");
+        assert_error(
+            "[global]\nmaxconn = 1\nmaxconn = 2\n",
+            "mxlb.toml:3:1: ",
+            "duplicate key",
+        );
+    }
+
+    #[test]
+    fn unknown_keys() {
+        assert_error(
+            "colour = \"blue\"\n",
+            "mxlb.toml:1:1:",
+            "unknown field `colour`",
+        );
+        assert_error(
+            &with_listener_keys("balanse = \"first\"\n"),
+            "mxlb.toml:4:1:",
+            "unknown field `balanse`",
+        );
+        let nested = format!("{MINIMAL}weigth = 2\n");
+        assert_error(&nested, "mxlb.toml:8:1:", "unknown field `weigth`");
+        let check = format!("{MINIMAL}\n[listen.check]\nintervall = \"2s\"\n");
+        assert_error(&check, "mxlb.toml:10:1:", "unknown field `intervall`");
+        assert_error(
+            "[global]\nmaxcon = 1\n",
+            "mxlb.toml:2:1:",
+            "unknown field `maxcon`",
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_values() {
+        assert_error(
+            &with_listener_keys("retries = \"3\"\n"),
+            "mxlb.toml:4:11:",
+            "invalid type",
+        );
+        assert_error(
+            &with_listener_keys("balance = \"random\"\n"),
+            "mxlb.toml:4:11:",
+            "unknown variant `random`",
+        );
+        assert_error(
+            &with_listener_keys("accept_proxy = 1\n"),
+            "mxlb.toml:4:16:",
+            "invalid type",
+        );
+        assert_error(
+            &MINIMAL.replace("\"127.0.0.1:10025\"", "\"mail.example.com:25\""),
+            "mxlb.toml:7:8:",
+            "invalid address",
+        );
+        assert_error(
+            &MINIMAL.replace("\"127.0.0.1:10025\"", "\"::1:25\""),
+            "mxlb.toml:7:8:",
+            "invalid address",
+        );
+        assert_error(
+            &MINIMAL.replace("\"127.0.0.1:10025\"", "\"127.0.0.1:0\""),
+            "mxlb.toml:7:8:",
+            "port 0",
+        );
+        assert_error(
+            &MINIMAL.replace("\"127.0.0.1:2525\"", "[\"127.0.0.1:25\", \"nope\"]"),
+            "mxlb.toml:3:25:",
+            "invalid address \"nope\"",
+        );
+        assert_error(
+            &MINIMAL.replace("\"127.0.0.1:2525\"", "25"),
+            "mxlb.toml:3:8:",
+            "an address string or an array",
+        );
+        assert_error(
+            &format!("{MINIMAL}\n[listen.check]\nverb = \"HELLO\"\n"),
+            "mxlb.toml:10:8:",
+            "unknown variant `HELLO`",
+        );
+        assert_error(
+            &format!("{MINIMAL}send_proxy = \"v3\"\n"),
+            "mxlb.toml:8:14:",
+            "unknown variant `v3`",
+        );
+        assert_error(
+            &format!("{MINIMAL}weight = -1\n"),
+            "mxlb.toml:8:10:",
+            "invalid value",
+        );
+    }
+
+    #[test]
+    fn missing_required_keys() {
+        let message = error(&MINIMAL.replace("addr = \"127.0.0.1:10025\"\n", ""));
+        assert!(message.starts_with("mxlb.toml:"), "{message}");
+        assert!(message.contains("missing field `addr`"), "{message}");
+        let message = error(&MINIMAL.replace("name = \"smtp\"\n", ""));
+        assert!(message.contains("missing field `name`"), "{message}");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_value() {
+        assert_error(
+            "[global]\nmaxconn = 10\n",
+            "mxlb.toml:1:1:",
+            "no [[listen]]",
+        );
+        assert_error(
+            "listen = []\n",
+            "mxlb.toml:1:10:",
+            "at least one [[listen]]",
+        );
+        assert_error(
+            "[[listen]]\nname = \"smtp\"\nbind = \"127.0.0.1:25\"\n",
+            "mxlb.toml:2:8:",
+            "has no [[listen.server]]",
+        );
+        assert_error(
+            &MINIMAL.replace("\"127.0.0.1:2525\"", "[]"),
+            "mxlb.toml:3:8:",
+            "at least one address",
+        );
+        assert_error(
+            &format!("{MINIMAL}weight = 257\n"),
+            "mxlb.toml:8:10:",
+            "weight must be between 0 and 256, not 257",
+        );
+        assert_error(
+            &with_listener_keys("retries = 101\n"),
+            "mxlb.toml:4:11:",
+            "retries must be between 0 and 100",
+        );
+        assert_error(
+            &format!("{MINIMAL}\n[listen.check]\nrise = 0\n"),
+            "mxlb.toml:10:8:",
+            "rise must be at least 1",
+        );
+        assert_error(
+            &format!("{MINIMAL}\n[listen.check]\nfall = 0\n"),
+            "mxlb.toml:10:8:",
+            "fall must be at least 1",
+        );
+        assert_error(
+            &format!("{MINIMAL}\n[listen.check]\ndomain = \"a b\"\n"),
+            "mxlb.toml:10:10:",
+            "domain",
+        );
+        assert_error(
+            "[global]\nmaxconn = 0\n",
+            "mxlb.toml:2:11:",
+            "maxconn must be at least 1",
+        );
+        assert_error(
+            &format!("[stats]\nbind = \"127.0.0.1:8404\"\nadmin_token = \"\"\n{MINIMAL}"),
+            "mxlb.toml:3:15:",
+            "admin_token",
+        );
+    }
+
+    #[test]
+    fn name_rules() {
+        assert_error(
+            &MINIMAL.replace("\"smtp\"", "\"smtp in\""),
+            "mxlb.toml:2:8:",
+            "invalid listener name \"smtp in\"",
+        );
+        assert_error(
+            &MINIMAL.replace("\"mail1\"", "\"mail/1\""),
+            "mxlb.toml:6:8:",
+            "invalid server name",
+        );
+        assert_error(
+            &MINIMAL.replace("\"mail1\"", "\"\""),
+            "mxlb.toml:6:8:",
+            "invalid server name",
+        );
+        let ok = parse(&MINIMAL.replace("\"mail1\"", "\"Mail_1.a-b\"")).expect("parses");
+        assert_eq!(ok.listeners[0].servers[0].name, "Mail_1.a-b");
+    }
+
+    #[test]
+    fn duplicates() {
+        let second_server =
+            format!("{MINIMAL}\n[[listen.server]]\nname = \"mail1\"\naddr = \"127.0.0.1:10026\"\n");
+        assert_error(
+            &second_server,
+            "mxlb.toml:10:8:",
+            "duplicate server name \"mail1\"",
+        );
+
+        let second_listener = MINIMAL.replace("2525", "2526");
+        assert_error(
+            &format!("{MINIMAL}\n{second_listener}"),
+            "mxlb.toml:10:8:",
+            "duplicate listener name \"smtp\"",
+        );
+
+        let same_bind = MINIMAL.replace("\"smtp\"", "\"other\"");
+        assert_error(
+            &format!("{MINIMAL}\n{same_bind}"),
+            "mxlb.toml:11:8:",
+            "127.0.0.1:2525 is already bound by listener \"smtp\"",
+        );
+
+        // Same server name in two listeners is fine.
+        let other = MINIMAL
+            .replace("\"smtp\"", "\"other\"")
+            .replace("2525", "2526");
+        let config = parse(&format!("{MINIMAL}\n{other}")).expect("parses");
+        assert_eq!(config.listeners.len(), 2);
+    }
+
+    #[test]
+    fn columns_count_characters() {
+        // "é" is two bytes but one column.
+        let text = "# é\n[global]\n  grace = \"é\"\n";
+        assert_error(text, "mxlb.toml:3:11:", "invalid duration");
+        assert_eq!(line_col("aé\nb", 3), (1, 3));
+        assert_eq!(line_col("aé\nb", 2), (1, 2)); // inside "é": rounded down
+        assert_eq!(line_col("a\n", 99), (2, 1));
+    }
+
+    #[test]
+    fn io_errors_name_the_path() {
+        let error = Config::load(Path::new("/nonexistent/mxlb.toml")).expect_err("missing file");
+        let message = error.to_string();
+        assert!(message.starts_with("/nonexistent/mxlb.toml: "), "{message}");
+        assert!(!message.contains(":1:1:"), "{message}");
+        assert_eq!(error.exit_code(), 2);
+        assert_eq!(parse("x = ").expect_err("bad").exit_code(), 2);
+    }
+
+    #[test]
+    fn load_reads_the_file() {
+        let path =
+            std::env::temp_dir().join(format!("mxlb-config-test-{}.toml", std::process::id()));
+        std::fs::write(&path, "[[listen]]\nname = \"x\"\nbind = \"127.0.0.1:1\"\n")
+            .expect("write temp file");
+        let message = Config::load(&path).expect_err("no servers").to_string();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            message,
+            format!(
+                "{}:2:8: listener \"x\" has no [[listen.server]]",
+                path.display()
+            )
+        );
+    }
+}

@@ -1,0 +1,122 @@
+//! The daemon's life: start the relay, bind the listeners, accept until told to stop, then
+//! let established relays finish within `global.grace`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::relay::Relay;
+use crate::session::Frontend;
+
+/// Pause after an accept error (EMFILE and friends) so a full fd table does not spin a core.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let relay = Relay::start(
+        config.global.relay,
+        &config.global.pin_path,
+        config.global.maxconn,
+    )?;
+    let stop = CancellationToken::new();
+    let sessions = TaskTracker::new();
+
+    let mut acceptors = Vec::new();
+    for listener in &config.listeners {
+        let frontend = Arc::new(Frontend::new(listener.clone(), relay.clone()));
+        for &addr in &listener.bind {
+            let socket = bind(addr)
+                .with_context(|| format!("listener {}: binding {addr}", listener.name))?;
+            info!(listener = %listener.name, %addr, servers = listener.servers.len(), "listening");
+            acceptors.push(tokio::spawn(accept_loop(
+                socket,
+                frontend.clone(),
+                sessions.clone(),
+                stop.clone(),
+            )));
+        }
+    }
+
+    wait_for_stop_signal().await?;
+    info!(
+        sessions = sessions.len(),
+        grace = %humantime::format_duration(config.global.grace),
+        "stopping: no new connections; letting relays finish"
+    );
+    stop.cancel();
+    for acceptor in acceptors {
+        let _ = acceptor.await;
+    }
+    sessions.close();
+    if tokio::time::timeout(config.global.grace, sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            sessions = sessions.len(),
+            "grace period over: closing remaining connections"
+        );
+    }
+    drop(relay);
+    info!("stopped");
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // "[::]:25" next to "0.0.0.0:25" must not collide.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG as i32)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(
+    socket: TcpListener,
+    frontend: Arc<Frontend>,
+    sessions: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted: std::io::Result<(TcpStream, SocketAddr)> = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = socket.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, client_addr)) => {
+                sessions.spawn(frontend.clone().serve(client, client_addr));
+            }
+            Err(error) => {
+                error!(listener = %frontend.config.name, %error, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM received"),
+        _ = interrupt.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! Loading the kernel relay: the embedded eBPF object, its maps, pins and log forwarding.
+//!
+//! [`KernelRelay::load`] loads `mxlb_verdict`, attaches it to the `mxlb_socks` SOCKHASH in
+//! verdict-only mode, pins the program and the maps under `global.pin_path` (so operators
+//! can inspect them with bpftool) and removes the pins again when dropped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, bail};
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::SkSkb;
+use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
+use balancer_common::{
+    HANDOVER_MAP, Handover, SOCKS_MAP, TRAFFIC_MAP, Traffic, VERDICT_PROGRAM,
+};
+use tracing::{debug, info, warn};
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
+static EBPF_OBJECT: &[u8] = include_bytes_aligned!(env!("MXLB_EBPF_OBJECT"));
+
+/// The tracing target under which the eBPF program's own diagnostics appear.
+pub const EBPF_LOG_TARGET: &str = "mxlb::ebpf";
+
+/// The loaded kernel relay: program attached, maps open, pins in place.
+pub struct KernelRelay {
+    pub(super) socks: Mutex<SockHash<MapData, u64>>,
+    pub(super) traffic: Mutex<HashMap<MapData, u64, Traffic>>,
+    pub(super) handover: Mutex<HashMap<MapData, u64, Handover>>,
+    pins: Vec<PathBuf>,
+    pin_dir: PathBuf,
+    /// Keeps the program loaded and attached: dropping `Ebpf` detaches it.
+    _ebpf: Ebpf,
+}
+
+impl KernelRelay {
+    /// Loads and attaches the relay, sized for `max_connections` relayed connections.
+    pub fn load(pin_dir: &Path, max_connections: u32) -> anyhow::Result<KernelRelay> {
+        ensure_bpffs(pin_dir)?;
+        let max_sockets = max_connections.saturating_mul(2).max(2);
+        // aya-log-ebpf checks this level before formatting anything: 0 turns the program's
+        // diagnostics off entirely unless the daemon logs mxlb::ebpf at debug level.
+        let ebpf_log_level: u8 = if tracing::enabled!(target: EBPF_LOG_TARGET, tracing::Level::DEBUG)
+        {
+            4 // aya_log_common::Level::Debug
+        } else {
+            0
+        };
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(SOCKS_MAP, max_sockets)
+            .map_max_entries(TRAFFIC_MAP, max_sockets)
+            .map_max_entries(HANDOVER_MAP, max_sockets)
+            .override_global("AYA_LOG_LEVEL", &ebpf_log_level, false)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        if ebpf_log_level > 0 {
+            forward_ebpf_logs(&mut ebpf);
+        }
+
+        let mut pins = Vec::new();
+        let mut take = |name: &str| -> anyhow::Result<aya::maps::Map> {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))?;
+            let path = pin_dir.join(name);
+            map.pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+            pins.push(path);
+            Ok(map)
+        };
+        let socks: SockHash<MapData, u64> = take(SOCKS_MAP)?.try_into()?;
+        let traffic: HashMap<MapData, u64, Traffic> = take(TRAFFIC_MAP)?.try_into()?;
+        let handover: HashMap<MapData, u64, Handover> = take(HANDOVER_MAP)?.try_into()?;
+
+        let program: &mut SkSkb = ebpf
+            .program_mut(VERDICT_PROGRAM)
+            .with_context(|| format!("program {VERDICT_PROGRAM} missing from the eBPF object"))?
+            .try_into()?;
+        program.load().context("loading the stream verdict program")?;
+        // Attach before any socket is inserted: the kernel binds programs at insert time.
+        program
+            .attach(socks.fd())
+            .context("attaching the stream verdict to the sockhash")?;
+        let program_pin = pin_dir.join(VERDICT_PROGRAM);
+        program
+            .pin(&program_pin)
+            .with_context(|| format!("pinning {}", program_pin.display()))?;
+        pins.push(program_pin);
+
+        info!(pin_dir = %pin_dir.display(), max_sockets, "kernel relay loaded: {VERDICT_PROGRAM} attached to {SOCKS_MAP}");
+        Ok(KernelRelay {
+            socks: Mutex::new(socks),
+            traffic: Mutex::new(traffic),
+            handover: Mutex::new(handover),
+            pins,
+            pin_dir: pin_dir.to_owned(),
+            _ebpf: ebpf,
+        })
+    }
+}
+
+impl Drop for KernelRelay {
+    fn drop(&mut self) {
+        for pin in &self.pins {
+            if let Err(error) = std::fs::remove_file(pin) {
+                warn!(pin = %pin.display(), %error, "could not remove pin");
+            }
+        }
+        // Only removes the directory when nothing else was pinned there.
+        let _ = std::fs::remove_dir(&self.pin_dir);
+        debug!(pin_dir = %self.pin_dir.display(), "kernel relay unpinned");
+    }
+}
+
+/// Makes sure `pin_dir` exists on a mounted bpf filesystem, mounting /sys/fs/bpf if needed,
+/// and clears pins a crashed earlier run left behind.
+fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    const BPFFS: &str = "/sys/fs/bpf";
+    if pin_dir.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
+        info!("mounting the bpf filesystem on {BPFFS}");
+        nix::mount::mount(
+            Some("bpf"),
+            BPFFS,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting bpffs on {BPFFS}"))?;
+    }
+    std::fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    if !is_bpffs(pin_dir) {
+        bail!("{} is not on a bpf filesystem", pin_dir.display());
+    }
+    for name in [VERDICT_PROGRAM, SOCKS_MAP, TRAFFIC_MAP, HANDOVER_MAP] {
+        let stale = pin_dir.join(name);
+        if stale.exists() {
+            warn!(pin = %stale.display(), "removing a pin left by an earlier run");
+            std::fs::remove_file(&stale)
+                .with_context(|| format!("removing stale pin {}", stale.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Forwards the program's aya-log records into the daemon's log at debug level, under the
+/// target `mxlb::ebpf`.
+fn forward_ebpf_logs(ebpf: &mut Ebpf) {
+    let logger = aya_log::EbpfLogger::init_with_logger(ebpf, EbpfLogForwarder)
+        .map_err(anyhow::Error::from)
+        .and_then(|logger| {
+            // SAFETY: the logger owns its ring buffer's fd and lives inside the AsyncFd, so
+            // the fd stays open and the same for the AsyncFd's whole life.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
+            };
+            registered.map_err(|e| anyhow::Error::from(e.into_parts().1))
+        });
+    let mut logger = match logger {
+        Ok(logger) => logger,
+        Err(error) => {
+            warn!(%error, "eBPF diagnostics unavailable");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// A `log::Log` that turns aya-log records into tracing events.
+struct EbpfLogForwarder;
+
+impl log::Log for EbpfLogForwarder {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        tracing::debug!(target: "mxlb::ebpf", "{}", record.args());
+    }
+
+    fn flush(&self) {}
+}

@@ -1,0 +1,73 @@
+//! The user-space relay: a copy loop per direction, for machines without the kernel relay.
+//!
+//! Half-close is forwarded (EOF on one side shuts the other side's write half once every
+//! byte is written), as the kernel relay does; a reset on either side closes both at once.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{Termination, Transfer};
+
+const BUFFER: usize = 16 * 1024;
+
+/// Which socket failed during a copy.
+enum Failed {
+    Reader,
+    Writer,
+}
+
+/// Relays until both directions reach EOF or one side fails.
+pub async fn relay(mut client: TcpStream, mut server: TcpStream) -> Transfer {
+    let (client_read, client_write) = client.split();
+    let (server_read, server_write) = server.split();
+    let (mut bytes_in, mut bytes_out) = (0, 0);
+    // A block, so the copies (which borrow the counters) are gone before the counts are read.
+    let ended = {
+        let upstream = copy_then_shutdown(client_read, server_write, &mut bytes_in);
+        let downstream = copy_then_shutdown(server_read, client_write, &mut bytes_out);
+        tokio::pin!(upstream, downstream);
+        let (mut upstream_done, mut downstream_done) = (false, false);
+        loop {
+        if upstream_done && downstream_done {
+            break Termination::Closed;
+        }
+        tokio::select! {
+            result = &mut upstream, if !upstream_done => match result {
+                Ok(()) => upstream_done = true,
+                Err(Failed::Reader) => break Termination::ClientReset,
+                Err(Failed::Writer) => break Termination::ServerReset,
+            },
+            result = &mut downstream, if !downstream_done => match result {
+                Ok(()) => downstream_done = true,
+                Err(Failed::Reader) => break Termination::ServerReset,
+                Err(Failed::Writer) => break Termination::ClientReset,
+            },
+        }
+        }
+    };
+    Transfer {
+        bytes_in,
+        bytes_out,
+        ended,
+    }
+}
+
+/// Copies until EOF, then shuts down the writer, counting bytes written into `total`.
+async fn copy_then_shutdown(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    total: &mut u64,
+) -> Result<(), Failed> {
+    let mut buffer = vec![0; BUFFER];
+    loop {
+        let n = from.read(&mut buffer).await.map_err(|_| Failed::Reader)?;
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        to.write_all(&buffer[..n])
+            .await
+            .map_err(|_| Failed::Writer)?;
+        *total += n as u64;
+    }
+}

@@ -1,0 +1,165 @@
+//! One client connection, start to finish: select a server, connect, write the PROXY
+//! header, hand the pair to the relay, log the outcome.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::balance::{Candidate, Selector, WeightedRoundRobin};
+use crate::config::{Balance, Listener, Server};
+use crate::proxy_header::{self, ProxyHeader};
+use crate::relay::{Relay, Termination, Transfer};
+
+/// The reply a client gets when no server can take it: SMTP senders queue and retry.
+const NO_SERVER_REPLY: &[u8] = b"421 4.3.0 mxlb: no mail server available, try again later\r\n";
+
+/// A listener's servers and policy, shared by all its sessions.
+pub struct Frontend {
+    pub config: Listener,
+    selector: Box<dyn Selector>,
+    relay: Relay,
+}
+
+impl Frontend {
+    pub fn new(config: Listener, relay: Relay) -> Frontend {
+        let selector: Box<dyn Selector> = match config.balance {
+            // Only round-robin exists so far; the others arrive with health checks.
+            Balance::RoundRobin | Balance::LeastConn | Balance::Source | Balance::First => {
+                Box::new(WeightedRoundRobin::new())
+            }
+        };
+        Frontend {
+            config,
+            selector,
+            relay,
+        }
+    }
+
+    fn pick(&self, client: SocketAddr) -> Option<&Server> {
+        let candidates: Vec<Candidate> = self
+            .config
+            .servers
+            .iter()
+            .map(|server| Candidate {
+                weight: server.weight,
+                eligible: !server.backup,
+            })
+            .collect();
+        let index = self.selector.pick(&candidates, client.ip())?;
+        self.config.servers.get(index)
+    }
+
+    /// Serves one accepted client until its relay ends.
+    pub async fn serve(self: Arc<Self>, client: TcpStream, client_addr: SocketAddr) {
+        let started = Instant::now();
+        let _ = client.set_nodelay(true);
+        let Some((server, mut upstream, connect_time)) = self.connect(client_addr).await else {
+            refuse(client, client_addr, &self.config.name).await;
+            return;
+        };
+        debug!(
+            client = %client_addr,
+            listener = %self.config.name,
+            server = %server.name,
+            "connected to {} in {:?}", server.addr, connect_time
+        );
+        let outcome = match self.send_proxy_header(&client, &mut upstream, server).await {
+            Ok(()) => self.relay.relay(client, upstream).await,
+            Err(error) => Err(error),
+        };
+        let transfer = outcome.unwrap_or_else(|error| {
+            warn!(client = %client_addr, server = %server.name, %error, "relay failed");
+            Transfer {
+                bytes_in: 0,
+                bytes_out: 0,
+                ended: Termination::Internal,
+            }
+        });
+        info!(
+            client = %client_addr,
+            listener = %self.config.name,
+            server = %server.name,
+            server_addr = %server.addr,
+            relay = %self.relay.name(),
+            connect_ms = connect_time.as_secs_f64() * 1e3,
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            bytes_in = transfer.bytes_in,
+            bytes_out = transfer.bytes_out,
+            ended = %transfer.ended,
+            "connection finished"
+        );
+    }
+
+    /// Connects to a server, retrying `retries` times; with `redispatch` each retry asks the
+    /// selector again (so it lands on another server), without it the same server is retried.
+    async fn connect(&self, client: SocketAddr) -> Option<(&Server, TcpStream, Duration)> {
+        let mut server = self.pick(client)?;
+        for attempt in 0..=self.config.retries {
+            if attempt > 0 && self.config.redispatch {
+                server = self.pick(client)?;
+            }
+            let started = Instant::now();
+            match connect(server.addr, self.config.timeout_connect).await {
+                Ok(stream) => return Some((server, stream, started.elapsed())),
+                Err(error) => warn!(
+                    client = %client,
+                    listener = %self.config.name,
+                    server = %server.name,
+                    attempt = attempt + 1,
+                    %error,
+                    "connect to {} failed", server.addr
+                ),
+            }
+        }
+        None
+    }
+
+    /// Writes the whole PROXY header before anything else. Postfix reads it with a single
+    /// peek and rejects a header split over two segments; a header is far smaller than a
+    /// fresh socket's send buffer, so `write_all` completes it in one `write`.
+    async fn send_proxy_header(
+        &self,
+        client: &TcpStream,
+        upstream: &mut TcpStream,
+        server: &Server,
+    ) -> io::Result<()> {
+        let Some(version) = server.send_proxy.version() else {
+            return Ok(());
+        };
+        let header = proxy_header::encode(
+            version,
+            &ProxyHeader::Proxy {
+                source: client.peer_addr()?,
+                destination: client.local_addr()?,
+            },
+        );
+        upstream.write_all(&header).await
+    }
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_nodelay(true)?;
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {}", humantime::format_duration(timeout)),
+        )),
+    }
+}
+
+/// Tells a client no server is available, in SMTP, and closes cleanly.
+async fn refuse(mut client: TcpStream, client_addr: SocketAddr, listener: &str) {
+    warn!(client = %client_addr, listener, "no server available: replied 421");
+    let _ = client.write_all(NO_SERVER_REPLY).await;
+    let _ = client.shutdown().await;
+}
