@@ -104,35 +104,41 @@ impl KernelRelay {
     pub async fn relay(&self, client: TcpStream, server: TcpStream) -> io::Result<Transfer> {
         let mut client = Side::new(client, Role::Client)?;
         let mut server = Side::new(server, Role::Server)?;
-        let ended = match self.pair(&client, &server) {
-            Ok(()) => self.run(&mut client, &mut server).await,
-            Err(error) => {
-                debug!(%error, "pairing failed");
-                Termination::Internal
-            }
-        };
+        if let Err(error) = self.pair(&client, &server) {
+            // The kernel only takes established sockets: a server that closed right after
+            // its banner (CLOSE_WAIT already) is refused. Such a connection is short by
+            // definition; relay it in user space.
+            self.forget(&client, &server);
+            debug!("kernel relay refused the pair ({error:#}); relaying in user space");
+            return Ok(super::userspace::relay(client.stream, server.stream).await);
+        }
+        let ended = self.run(&mut client, &mut server).await;
         Ok(self.unpair(client, server, ended))
     }
 
-    fn pair(&self, client: &Side, server: &Side) -> io::Result<()> {
+    /// Undoes a partial pairing: map entries go, the sockets stay open.
+    fn forget(&self, client: &Side, server: &Side) {
+        let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        for side in [client, server] {
+            let _ = socks.remove(&side.cookie);
+            let _ = traffic.remove(&side.cookie);
+        }
+    }
+
+    fn pair(&self, client: &Side, server: &Side) -> anyhow::Result<()> {
         {
             let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
             for side in [client, server] {
-                traffic
-                    .insert(side.cookie, Traffic::default(), 0)
-                    .map_err(io::Error::other)?;
+                traffic.insert(side.cookie, Traffic::default(), 0)?;
             }
         }
         let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
         // Entry keyed by the server first: it attaches the verdict to the client socket,
         // which speaks second in SMTP. Either order is safe (bytes without a peer are held),
         // this one just makes holding rare.
-        socks
-            .insert(server.cookie, client.stream.as_raw_fd(), 0)
-            .map_err(io::Error::other)?;
-        socks
-            .insert(client.cookie, server.stream.as_raw_fd(), 0)
-            .map_err(io::Error::other)?;
+        socks.insert(server.cookie, client.stream.as_raw_fd(), 0)?;
+        socks.insert(client.cookie, server.stream.as_raw_fd(), 0)?;
         Ok(())
     }
 
@@ -215,6 +221,14 @@ impl KernelRelay {
         from.redirected = self.redirected(from.cookie);
         let target = to.sent_before_pairing + from.relayed();
         let taken = sockopt::bytes_taken_for_sending(&to.stream).unwrap_or(u64::MAX);
+        debug!(
+            from = ?from.role,
+            redirected = from.redirected,
+            forwarded = from.forwarded,
+            target,
+            taken,
+            "checking whether a half-closed direction has drained"
+        );
         if taken >= target {
             let _ = socket2::SockRef::from(&to.stream).shutdown(Shutdown::Write);
             from.state = Direction::Done;

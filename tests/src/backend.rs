@@ -1,0 +1,211 @@
+//! Scripted TCP backends and clients for relay tests that need exact control over bytes,
+//! half-closes and resets (things Postfix does not let a test choose).
+//!
+//! A backend reads the PROXY header with the independent `ppp` parser, then runs its script
+//! and reports what it saw over a channel.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sha2::{Digest, Sha256};
+
+/// What the PROXY header said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyInfo {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+}
+
+/// A backend listening on a free loopback port, running `script` for each connection.
+pub struct Backend<R> {
+    pub addr: SocketAddr,
+    reports: mpsc::Receiver<anyhow::Result<R>>,
+}
+
+impl<R: Send + 'static> Backend<R> {
+    pub fn spawn(
+        script: impl Fn(TcpStream, ProxyInfo) -> anyhow::Result<R> + Send + Sync + 'static,
+    ) -> anyhow::Result<Backend<R>> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let (sender, reports) = mpsc::channel();
+        let script = std::sync::Arc::new(script);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let sender = sender.clone();
+                let script = script.clone();
+                thread::spawn(move || {
+                    let report =
+                        read_proxy_header(&mut stream).and_then(|info| script(stream, info));
+                    let _ = sender.send(report);
+                });
+            }
+        });
+        Ok(Backend { addr, reports })
+    }
+
+    /// The report of the next finished connection.
+    pub fn next_report(&self, timeout: Duration) -> anyhow::Result<R> {
+        self.reports
+            .recv_timeout(timeout)
+            .context("backend did not finish a connection in time")?
+    }
+}
+
+/// Reads a v1 or v2 PROXY header byte by byte (so nothing after it is consumed) and parses
+/// it with `ppp`.
+pub fn read_proxy_header(stream: &mut TcpStream) -> anyhow::Result<ProxyInfo> {
+    let mut header = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        stream
+            .read_exact(&mut byte)
+            .context("reading the PROXY header")?;
+        header.push(byte[0]);
+        if header.len() > 536 {
+            bail!("PROXY header longer than 536 bytes");
+        }
+        if header.starts_with(b"PROXY ") {
+            if header.ends_with(b"\r\n") {
+                return parse_v1(&header);
+            }
+        } else if header.len() >= 16 {
+            let length = u16::from_be_bytes([header[14], header[15]]) as usize;
+            if header.len() == 16 + length {
+                return parse_v2(&header);
+            }
+        }
+    }
+}
+
+fn parse_v1(header: &[u8]) -> anyhow::Result<ProxyInfo> {
+    let text = std::str::from_utf8(header)?;
+    match ppp::v1::Header::try_from(text)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .addresses
+    {
+        ppp::v1::Addresses::Tcp4(a) => Ok(ProxyInfo {
+            source: SocketAddr::from((a.source_address, a.source_port)),
+            destination: SocketAddr::from((a.destination_address, a.destination_port)),
+        }),
+        ppp::v1::Addresses::Tcp6(a) => Ok(ProxyInfo {
+            source: SocketAddr::from((a.source_address, a.source_port)),
+            destination: SocketAddr::from((a.destination_address, a.destination_port)),
+        }),
+        other => bail!("unexpected v1 addresses {other:?}"),
+    }
+}
+
+fn parse_v2(header: &[u8]) -> anyhow::Result<ProxyInfo> {
+    let parsed = ppp::v2::Header::try_from(header).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    match parsed.addresses {
+        ppp::v2::Addresses::IPv4(a) => Ok(ProxyInfo {
+            source: SocketAddr::from((a.source_address, a.source_port)),
+            destination: SocketAddr::from((a.destination_address, a.destination_port)),
+        }),
+        ppp::v2::Addresses::IPv6(a) => Ok(ProxyInfo {
+            source: SocketAddr::from((a.source_address, a.source_port)),
+            destination: SocketAddr::from((a.destination_address, a.destination_port)),
+        }),
+        other => bail!("unexpected v2 addresses {other:?}"),
+    }
+}
+
+/// A deterministic byte stream (xorshift), so both ends can agree on content without
+/// keeping it in memory.
+pub struct Pattern {
+    state: u64,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern { state: seed | 1 }
+    }
+
+    pub fn fill(&mut self, buffer: &mut [u8]) {
+        for chunk in buffer.chunks_mut(8) {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            chunk.copy_from_slice(&self.state.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// Size and SHA-256 of a byte stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest256 {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Writes `total` pattern bytes, returning their digest.
+pub fn send_pattern(stream: &mut impl Write, seed: u64, total: u64) -> io::Result<Digest256> {
+    let mut pattern = Pattern::new(seed);
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(buffer.len() as u64) as usize;
+        pattern.fill(&mut buffer[..n]);
+        hasher.update(&buffer[..n]);
+        stream.write_all(&buffer[..n])?;
+        left -= n as u64;
+    }
+    Ok(Digest256 {
+        bytes: total,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
+/// Reads until EOF, returning the digest of everything read.
+pub fn digest_until_eof(stream: &mut impl Read) -> io::Result<Digest256> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut bytes = 0u64;
+    loop {
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(Digest256 {
+                bytes,
+                sha256: hex(&hasher.finalize()),
+            });
+        }
+        hasher.update(&buffer[..n]);
+        bytes += n as u64;
+    }
+}
+
+/// The digest `send_pattern(seed, total)` produces, computed without a socket.
+pub fn pattern_digest(seed: u64, total: u64) -> Digest256 {
+    send_pattern(&mut io::sink(), seed, total).expect("writing to a sink cannot fail")
+}
+
+/// Reads one CRLF-terminated line byte by byte (nothing after it is consumed).
+pub fn read_line(stream: &mut impl Read) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Closes a socket with a reset (SO_LINGER 0) instead of a FIN.
+pub fn reset(stream: TcpStream) {
+    let socket = socket2::Socket::from(stream);
+    let _ = socket.set_linger(Some(Duration::ZERO));
+    drop(socket);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

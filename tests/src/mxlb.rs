@@ -1,0 +1,302 @@
+//! The real `mxlb` daemon as a child process: config written to a temp dir, stderr
+//! captured, and the facts tests check afterwards (log, CPU time, open fds, map entries).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Which relay a test runs the daemon with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayKind {
+    Kernel,
+    UserSpace,
+}
+
+impl RelayKind {
+    /// The `global.relay` value. Kernel tests say `sockmap`, never `auto`: on these machines
+    /// the kernel relay must load, and a test must fail rather than fall back.
+    pub fn config_value(self) -> &'static str {
+        match self {
+            RelayKind::Kernel => "sockmap",
+            RelayKind::UserSpace => "userspace",
+        }
+    }
+}
+
+/// A backend server entry for [`config`].
+pub struct ServerEntry<'a> {
+    pub name: &'a str,
+    pub addr: SocketAddr,
+    /// `none`, `v1` or `v2`.
+    pub send_proxy: &'a str,
+}
+
+/// A one-listener configuration in the contract's TOML.
+pub fn config(
+    relay: RelayKind,
+    pin_path: &Path,
+    listen: SocketAddr,
+    servers: &[ServerEntry<'_>],
+) -> String {
+    let mut text = format!(
+        "[global]\npin_path = \"{}\"\nrelay = \"{}\"\ngrace = \"2s\"\n\n\
+         [[listen]]\nname = \"smtp\"\nbind = [\"{listen}\"]\ntimeout_connect = \"2s\"\n",
+        pin_path.display(),
+        relay.config_value()
+    );
+    for server in servers {
+        text.push_str(&format!(
+            "\n[[listen.server]]\nname = \"{}\"\naddr = \"{}\"\nsend_proxy = \"{}\"\n",
+            server.name, server.addr, server.send_proxy
+        ));
+    }
+    text
+}
+
+/// The `mxlb` binary under test: `MXLB_BIN` (set by `cargo xtask test`), else the debug build.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("MXLB_BIN") {
+        return PathBuf::from(path);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/mxlb")
+}
+
+/// A unique bpffs pin directory for one test.
+pub fn pin_path(test: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/fs/bpf/mxlb-test-{test}-{}",
+        std::process::id()
+    ))
+}
+
+/// A running daemon.
+pub struct Mxlb {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    pub listen: SocketAddr,
+    pub pin_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Mxlb {
+    /// Starts `mxlb run` with `config_text` and waits until it accepts on `listen`.
+    pub fn start(config_text: &str, listen: SocketAddr, pin_path: &Path) -> anyhow::Result<Mxlb> {
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("mxlb.toml");
+        std::fs::write(&config_path, config_text)?;
+        let mut child = Command::new(binary())
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,mxlb=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary().display()))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().context("no stderr")?;
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut mxlb = Mxlb {
+            child,
+            log,
+            listen,
+            pin_path: pin_path.to_owned(),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !mxlb.log().contains("listening") {
+            if let Some(status) = mxlb.child.try_wait()? {
+                bail!("mxlb exited with {status} during start:\n{}", mxlb.log());
+            }
+            if Instant::now() > deadline {
+                bail!("mxlb did not start listening within 20s:\n{}", mxlb.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // No probe connection: it would be a session on the backends too (see `is_listening`).
+        crate::wait_for_listen(&[listen], Duration::from_secs(5))?;
+        Ok(mxlb)
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Log lines containing `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until `needle` appears on at least `count` log lines.
+    pub fn wait_for_log_count(
+        &self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.log_lines(needle);
+            if lines.len() >= count {
+                return Ok(lines);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "waited {timeout:?} for {count} log lines with {needle:?}, got {}:\n{}",
+                    lines.len(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The daemon's own CPU time (user + system) so far.
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let after_name = stat.rsplit_once(')').context("odd /proc stat")?.1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: u64 = fields.get(11).context("no utime")?.parse::<u64>()?
+            + fields.get(12).context("no stime")?.parse::<u64>()?;
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok(Duration::from_nanos(ticks * 1_000_000_000 / per_second))
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn fd_count(&self) -> anyhow::Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{}/fd", self.pid()))?.count())
+    }
+
+    /// Entries of a pinned hash map of this daemon, read with bpftool.
+    pub fn map_entries(&self, map: &str) -> anyhow::Result<Vec<MapEntry>> {
+        let path = self.pin_path.join(map);
+        let output = Command::new("bpftool")
+            .args(["--json", "map", "dump", "pinned"])
+            .arg(&path)
+            .output()
+            .context("running bpftool")?;
+        if !output.status.success() {
+            bail!(
+                "bpftool map dump {} failed: {}",
+                path.display(),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)?;
+        entries.iter().map(MapEntry::from_json).collect()
+    }
+
+    /// Waits until the daemon holds `fds` descriptors and its traffic map is empty: every
+    /// finished connection gave back its sockets and map entries.
+    pub fn wait_until_clean(&self, fds: usize, kernel: bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let open = self.fd_count()?;
+            let entries = if kernel {
+                self.map_entries("mxlb_traffic")?.len()
+            } else {
+                0
+            };
+            if open == fds && entries == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("leak: {open} fds open (baseline {fds}), {entries} mxlb_traffic entries");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
+        self.terminate();
+        Ok(self.child.wait()?)
+    }
+
+    fn terminate(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+}
+
+impl Drop for Mxlb {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while let Ok(None) = self.child.try_wait() {
+                if Instant::now() > deadline {
+                    let _ = self.child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.wait();
+        }
+        if std::env::var_os("MXLB_SHOW_LOGS").is_some() {
+            eprintln!("--- mxlb log ---\n{}", self.log());
+        }
+    }
+}
+
+/// One entry of a pinned `HASH` map, as raw little-endian integers.
+#[derive(Debug, Clone)]
+pub struct MapEntry {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+impl MapEntry {
+    fn from_json(entry: &serde_json::Value) -> anyhow::Result<MapEntry> {
+        let bytes = |field: &str| -> anyhow::Result<Vec<u8>> {
+            entry[field]
+                .as_array()
+                .with_context(|| format!("bpftool entry without {field}: {entry}"))?
+                .iter()
+                .map(|b| {
+                    let text = b.as_str().context("byte is not a string")?;
+                    Ok(u8::from_str_radix(text.trim_start_matches("0x"), 16)?)
+                })
+                .collect()
+        };
+        Ok(MapEntry {
+            key: bytes("key")?,
+            value: bytes("value")?,
+        })
+    }
+
+    /// The value's `index`-th u64 field.
+    pub fn u64_field(&self, index: usize) -> u64 {
+        let start = index * 8;
+        self.value
+            .get(start..start + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
+    }
+}

@@ -1,0 +1,301 @@
+//! The relay's contract, against the real daemon, for the kernel relay and the user-space
+//! relay alike: every byte arrives in order, half-closes travel both ways, resets close both
+//! sides, and nothing (fds, map entries) is left behind.
+//!
+//! Kernel-relay tests configure `relay = "sockmap"`: the kernel relay must load on these
+//! machines, so they fail rather than fall back.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use mxlb_tests::backend::{
+    Backend, Digest256, ProxyInfo, digest_until_eof, pattern_digest, read_line, reset,
+    send_pattern,
+};
+use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config, pin_path};
+
+const MIB: u64 = 1024 * 1024;
+const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs a test body once per relay.
+macro_rules! for_both_relays {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[test]
+            fn kernel() -> anyhow::Result<()> {
+                super::$name(RelayKind::Kernel)
+            }
+            #[test]
+            fn userspace() -> anyhow::Result<()> {
+                super::$name(RelayKind::UserSpace)
+            }
+        }
+    )*};
+}
+
+for_both_relays!(
+    large_message_arrives_intact,
+    server_half_closes_first,
+    client_reset_closes_both_sides,
+    server_reset_closes_both_sides,
+    server_closing_after_banner_loses_nothing,
+);
+
+/// Starts mxlb in front of one backend; returns it with its fd count once idle.
+fn start_mxlb(
+    test: &str,
+    relay: RelayKind,
+    backend: SocketAddr,
+    send_proxy: &str,
+) -> anyhow::Result<(Mxlb, usize)> {
+    let listen = mxlb_tests::free_addr();
+    let pins = pin_path(&format!("{test}-{relay:?}"));
+    let text = config(
+        relay,
+        &pins,
+        listen,
+        &[ServerEntry {
+            name: "sink",
+            addr: backend,
+            send_proxy,
+        }],
+    );
+    let mxlb = Mxlb::start(&text, listen, &pins)?;
+    let expected = match relay {
+        RelayKind::Kernel => "relay: kernel",
+        RelayKind::UserSpace => "relay: user space",
+    };
+    ensure!(mxlb.log().contains(expected), "expected {expected:?} in:\n{}", mxlb.log());
+    let fds = mxlb.fd_count()?;
+    Ok((mxlb, fds))
+}
+
+/// The daemon's log line for the connection from `client`.
+fn finished_line(mxlb: &Mxlb, client: SocketAddr) -> anyhow::Result<String> {
+    let needle = format!("client={client}");
+    let lines = mxlb.wait_for_log_count("connection finished", 1, REPORT_TIMEOUT)?;
+    let deadline = Instant::now() + REPORT_TIMEOUT;
+    loop {
+        if let Some(line) = mxlb
+            .log_lines("connection finished")
+            .into_iter()
+            .find(|line| line.contains(&needle))
+        {
+            return Ok(line);
+        }
+        ensure!(Instant::now() < deadline, "no log line for {client} in {lines:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn large_message_arrives_intact(relay: RelayKind) -> anyhow::Result<()> {
+    const MESSAGE: u64 = 256 * MIB;
+    const REPLY: u64 = MIB;
+    // The backend reads everything, then answers with a megabyte of its own and closes.
+    let backend = Backend::spawn(|mut stream, info| {
+        stream.write_all(b"220 sink ready\r\n")?;
+        let received = digest_until_eof(&mut stream)?;
+        send_pattern(&mut stream, 2, REPLY)?;
+        stream.shutdown(Shutdown::Write)?;
+        Ok((received, info))
+    })?;
+    let (mxlb, idle_fds) = start_mxlb("large", relay, backend.addr, "v2")?;
+
+    let mut client = TcpStream::connect(mxlb.listen)?;
+    assert_eq!(read_line(&mut client)?, "220 sink ready\r\n");
+    let cpu_before = mxlb.cpu_time()?;
+    let started = Instant::now();
+    // Two halves with different seeds; the backend digests them as one stream.
+    send_pattern(&mut client, 1, MESSAGE / 2)?;
+    if relay == RelayKind::Kernel {
+        // Halfway through, the kernel's own counters show the bytes took the kernel path.
+        let entries = mxlb.map_entries("mxlb_traffic")?;
+        let redirected = entries.iter().map(|e| e.u64_field(0)).max().unwrap_or(0);
+        ensure!(
+            redirected >= MESSAGE / 4,
+            "mxlb_traffic shows only {redirected} bytes redirected after {} sent: {entries:?}",
+            MESSAGE / 2
+        );
+    }
+    send_pattern(&mut client, 3, MESSAGE / 2)?;
+    client.shutdown(Shutdown::Write)?;
+    let reply = digest_until_eof(&mut client)?;
+    let elapsed = started.elapsed();
+    let cpu = mxlb.cpu_time()? - cpu_before;
+
+    let (received, info): (Digest256, ProxyInfo) = backend.next_report(REPORT_TIMEOUT)?;
+    let expected = two_halves_digest(MESSAGE / 2);
+    assert_eq!(received, expected, "the backend must receive every byte, in order");
+    assert_eq!(reply, pattern_digest(2, REPLY), "the client must receive every reply byte");
+    assert_eq!(info.source, client.local_addr()?, "PROXY header names the real client");
+
+    let line = finished_line(&mxlb, client.local_addr()?)?;
+    assert!(line.contains(&format!("bytes_in={MESSAGE}")), "{line}");
+    assert!(line.contains(&format!("bytes_out={}", REPLY + 16)), "{line}");
+    assert!(line.contains("ended=closed"), "{line}");
+    let share = cpu.as_secs_f64() / elapsed.as_secs_f64();
+    eprintln!(
+        "{relay:?}: {} MiB in {elapsed:?} ({:.0} MiB/s); daemon CPU {cpu:?} = {:.1}% of the transfer",
+        MESSAGE / MIB,
+        (MESSAGE / MIB) as f64 / elapsed.as_secs_f64(),
+        share * 100.0
+    );
+    if relay == RelayKind::Kernel {
+        // The bytes did not pass through the daemon: it slept through the transfer.
+        assert!(
+            share < 0.10,
+            "daemon used {cpu:?} CPU over a {elapsed:?} kernel-relayed transfer"
+        );
+    }
+    drop(client);
+    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+}
+
+/// Digest of pattern seed 1 then pattern seed 3, `half` bytes each, as one stream.
+fn two_halves_digest(half: u64) -> Digest256 {
+    let mut both = ChainedPatterns::default();
+    send_pattern(&mut both, 1, half).expect("sink");
+    send_pattern(&mut both, 3, half).expect("sink");
+    both.finish()
+}
+
+/// A writer that digests everything written to it.
+#[derive(Default)]
+struct ChainedPatterns {
+    hasher: sha2::Sha256,
+    bytes: u64,
+}
+
+impl Write for ChainedPatterns {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        self.hasher.update(buf);
+        self.bytes += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ChainedPatterns {
+    fn finish(self) -> Digest256 {
+        use sha2::Digest;
+        Digest256 {
+            bytes: self.bytes,
+            sha256: self
+                .hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        }
+    }
+}
+
+fn server_half_closes_first(relay: RelayKind) -> anyhow::Result<()> {
+    const EACH_WAY: u64 = 8 * MIB;
+    // The server talks first and half-closes, then still reads what the client sends.
+    let backend = Backend::spawn(|mut stream, _| {
+        send_pattern(&mut stream, 5, EACH_WAY)?;
+        stream.shutdown(Shutdown::Write)?;
+        Ok(digest_until_eof(&mut stream)?)
+    })?;
+    let (mxlb, idle_fds) = start_mxlb("srvhalf", relay, backend.addr, "v1")?;
+
+    let mut client = TcpStream::connect(mxlb.listen)?;
+    let from_server = digest_until_eof(&mut client)?;
+    assert_eq!(from_server, pattern_digest(5, EACH_WAY), "server's bytes, then its FIN");
+    let sent = send_pattern(&mut client, 6, EACH_WAY)?;
+    client.shutdown(Shutdown::Write)?;
+    let received: Digest256 = backend.next_report(REPORT_TIMEOUT)?;
+    assert_eq!(received, sent, "client's bytes after the server's half-close");
+
+    let line = finished_line(&mxlb, client.local_addr()?)?;
+    assert!(line.contains("ended=closed"), "{line}");
+    drop(client);
+    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+}
+
+fn client_reset_closes_both_sides(relay: RelayKind) -> anyhow::Result<()> {
+    // The server answers, then waits for the session to end and says how it ended.
+    let backend = Backend::spawn(|mut stream, _| {
+        stream.write_all(b"220 hello\r\n")?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut sink = Vec::new();
+        let ended = stream.read_to_end(&mut sink);
+        Ok((sink.len(), ended.is_ok()))
+    })?;
+    let (mxlb, idle_fds) = start_mxlb("clireset", relay, backend.addr, "v1")?;
+
+    let mut client = TcpStream::connect(mxlb.listen)?;
+    assert_eq!(read_line(&mut client)?, "220 hello\r\n");
+    client.write_all(b"EHLO reset.test\r\n")?;
+    let client_addr = client.local_addr()?;
+    std::thread::sleep(Duration::from_millis(100));
+    reset(client);
+
+    let (bytes, clean_eof): (usize, bool) = backend.next_report(REPORT_TIMEOUT)?;
+    assert_eq!(bytes, "EHLO reset.test\r\n".len(), "bytes sent before the reset arrive");
+    let _ = clean_eof; // a FIN or a reset both end the server's session
+    let line = finished_line(&mxlb, client_addr)?;
+    assert!(line.contains("ended=client-reset"), "{line}");
+    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+}
+
+fn server_reset_closes_both_sides(relay: RelayKind) -> anyhow::Result<()> {
+    let backend = Backend::spawn(|mut stream, _| {
+        stream.write_all(b"220 about to reset\r\n")?;
+        std::thread::sleep(Duration::from_millis(200));
+        reset(stream);
+        Ok(())
+    })?;
+    let (mxlb, idle_fds) = start_mxlb("srvreset", relay, backend.addr, "v2")?;
+
+    let mut client = TcpStream::connect(mxlb.listen)?;
+    client.set_read_timeout(Some(Duration::from_secs(20)))?;
+    assert_eq!(read_line(&mut client)?, "220 about to reset\r\n");
+    backend.next_report(REPORT_TIMEOUT)?;
+    // The client's connection ends (FIN or reset), it does not hang.
+    let mut rest = Vec::new();
+    let ended = client.read_to_end(&mut rest);
+    ensure!(
+        rest.is_empty(),
+        "no bytes after the banner, got {rest:?} ({ended:?})"
+    );
+    if let Err(error) = &ended {
+        ensure!(
+            error.kind() != std::io::ErrorKind::WouldBlock
+                && error.kind() != std::io::ErrorKind::TimedOut,
+            "client was left hanging after the server reset"
+        );
+    }
+    let line = finished_line(&mxlb, client.local_addr().context("client address")?)?;
+    assert!(line.contains("ended=server-reset"), "{line}");
+    drop(client);
+    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+}
+
+fn server_closing_after_banner_loses_nothing(relay: RelayKind) -> anyhow::Result<()> {
+    const BANNER: &[u8] = b"421 4.3.2 shutting down, closing right away\r\n";
+    let backend = Backend::spawn(|mut stream, _| {
+        stream.write_all(BANNER)?;
+        Ok(())
+        // Dropping the stream closes it right after the banner, with a FIN.
+    })?;
+    let (mxlb, idle_fds) = start_mxlb("bannerclose", relay, backend.addr, "v1")?;
+
+    for _ in 0..20 {
+        let mut client = TcpStream::connect(mxlb.listen)?;
+        client.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut received = Vec::new();
+        client.read_to_end(&mut received)?;
+        assert_eq!(received, BANNER, "the whole banner, then EOF");
+        backend.next_report(REPORT_TIMEOUT)?;
+    }
+    mxlb.wait_for_log_count("connection finished", 20, REPORT_TIMEOUT)?;
+    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+}
