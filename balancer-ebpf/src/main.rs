@@ -26,17 +26,22 @@ static MXLB_SOCKS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKET
 static MXLB_TRAFFIC: HashMap<u64, Traffic> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
 #[map(name = "mxlb_handover")]
-static MXLB_HANDOVER: HashMap<u64, Handover> =
-    HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+static MXLB_HANDOVER: HashMap<u64, Handover> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
 #[stream_verdict]
 pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the helper only reads the skb's socket.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
     let len = u64::from(ctx.len());
+    if len == 0 {
+        // The peer's FIN arrives as an empty segment. Passed to its own socket it becomes
+        // EOF for the daemon's read; redirected, the kernel would try to send zero bytes on
+        // the peer, take that for a broken pipe, and stop the peer's relay (EPIPE).
+        return SK_PASS;
+    }
 
     // A socket the daemon has not (or no longer) registered: leave its bytes to the daemon.
-    let Some(traffic) = MXLB_TRAFFIC.get_ptr_mut(&cookie) else {
+    let Some(traffic) = MXLB_TRAFFIC.get_ptr_mut(cookie) else {
         return SK_PASS;
     };
     // SAFETY: the pointer is valid for this program run. Runs for one socket are serialised
@@ -44,7 +49,7 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
     let traffic = unsafe { &mut *traffic };
 
     // SAFETY: plain read of a value the daemon replaces atomically.
-    let forwarded = unsafe { MXLB_HANDOVER.get(&cookie) }.map_or(0, |h| h.forwarded);
+    let forwarded = unsafe { MXLB_HANDOVER.get(cookie) }.map_or(0, |h| h.forwarded);
     if traffic.held != forwarded {
         // The daemon still owns earlier bytes of this direction: queue behind them.
         traffic.held += len;
@@ -59,7 +64,10 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
     // No peer under our cookie (pairing not finished, or the peer is closing): hold the
     // bytes rather than let the kernel drop them.
     traffic.held += len;
-    debug!(&ctx, "mxlb: no peer for cookie {}, holding {} bytes", cookie, len);
+    debug!(
+        &ctx,
+        "mxlb: no peer for cookie {}, holding {} bytes", cookie, len
+    );
     SK_PASS
 }
 

@@ -131,7 +131,10 @@ async fn read_line(
     reader: &mut (impl AsyncBufReadExt + Unpin),
     line: &mut Vec<u8>,
 ) -> anyhow::Result<usize> {
-    let n = (&mut *reader).take(MAX_LINE as u64).read_until(b'\n', line).await?;
+    let n = (&mut *reader)
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', line)
+        .await?;
     anyhow::ensure!(n < MAX_LINE || line.ends_with(b"\n"), "line too long");
     Ok(n)
 }

@@ -53,7 +53,11 @@ fn main() -> ExitCode {
                     "{}: ok ({} listener(s), {} server(s))",
                     path.display(),
                     config.listeners.len(),
-                    config.listeners.iter().map(|l| l.servers.len()).sum::<usize>()
+                    config
+                        .listeners
+                        .iter()
+                        .map(|l| l.servers.len())
+                        .sum::<usize>()
                 );
                 ExitCode::SUCCESS
             }

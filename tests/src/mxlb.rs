@@ -93,7 +93,10 @@ impl Mxlb {
             .arg("run")
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "info,mxlb=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("MXLB_TEST_LOG").unwrap_or_else(|_| "info,mxlb=debug".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

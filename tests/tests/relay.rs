@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use mxlb_tests::backend::{
-    Backend, Digest256, ProxyInfo, digest_until_eof, pattern_digest, read_line, reset,
-    send_pattern,
+    Backend, Digest256, ProxyInfo, digest_until_eof, pattern_digest, read_line, reset, send_pattern,
 };
 use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config, pin_path};
 
@@ -68,7 +67,11 @@ fn start_mxlb(
         RelayKind::Kernel => "relay: kernel",
         RelayKind::UserSpace => "relay: user space",
     };
-    ensure!(mxlb.log().contains(expected), "expected {expected:?} in:\n{}", mxlb.log());
+    ensure!(
+        mxlb.log().contains(expected),
+        "expected {expected:?} in:\n{}",
+        mxlb.log()
+    );
     let fds = mxlb.fd_count()?;
     Ok((mxlb, fds))
 }
@@ -86,7 +89,10 @@ fn finished_line(mxlb: &Mxlb, client: SocketAddr) -> anyhow::Result<String> {
         {
             return Ok(line);
         }
-        ensure!(Instant::now() < deadline, "no log line for {client} in {lines:?}");
+        ensure!(
+            Instant::now() < deadline,
+            "no log line for {client} in {lines:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -128,13 +134,27 @@ fn large_message_arrives_intact(relay: RelayKind) -> anyhow::Result<()> {
 
     let (received, info): (Digest256, ProxyInfo) = backend.next_report(REPORT_TIMEOUT)?;
     let expected = two_halves_digest(MESSAGE / 2);
-    assert_eq!(received, expected, "the backend must receive every byte, in order");
-    assert_eq!(reply, pattern_digest(2, REPLY), "the client must receive every reply byte");
-    assert_eq!(info.source, client.local_addr()?, "PROXY header names the real client");
+    assert_eq!(
+        received, expected,
+        "the backend must receive every byte, in order"
+    );
+    assert_eq!(
+        reply,
+        pattern_digest(2, REPLY),
+        "the client must receive every reply byte"
+    );
+    assert_eq!(
+        info.source,
+        client.local_addr()?,
+        "PROXY header names the real client"
+    );
 
     let line = finished_line(&mxlb, client.local_addr()?)?;
     assert!(line.contains(&format!("bytes_in={MESSAGE}")), "{line}");
-    assert!(line.contains(&format!("bytes_out={}", REPLY + 16)), "{line}");
+    assert!(
+        line.contains(&format!("bytes_out={}", REPLY + 16)),
+        "{line}"
+    );
     assert!(line.contains("ended=closed"), "{line}");
     let share = cpu.as_secs_f64() / elapsed.as_secs_f64();
     eprintln!(
@@ -208,11 +228,18 @@ fn server_half_closes_first(relay: RelayKind) -> anyhow::Result<()> {
 
     let mut client = TcpStream::connect(mxlb.listen)?;
     let from_server = digest_until_eof(&mut client)?;
-    assert_eq!(from_server, pattern_digest(5, EACH_WAY), "server's bytes, then its FIN");
+    assert_eq!(
+        from_server,
+        pattern_digest(5, EACH_WAY),
+        "server's bytes, then its FIN"
+    );
     let sent = send_pattern(&mut client, 6, EACH_WAY)?;
     client.shutdown(Shutdown::Write)?;
     let received: Digest256 = backend.next_report(REPORT_TIMEOUT)?;
-    assert_eq!(received, sent, "client's bytes after the server's half-close");
+    assert_eq!(
+        received, sent,
+        "client's bytes after the server's half-close"
+    );
 
     let line = finished_line(&mxlb, client.local_addr()?)?;
     assert!(line.contains("ended=closed"), "{line}");
@@ -239,7 +266,11 @@ fn client_reset_closes_both_sides(relay: RelayKind) -> anyhow::Result<()> {
     reset(client);
 
     let (bytes, clean_eof): (usize, bool) = backend.next_report(REPORT_TIMEOUT)?;
-    assert_eq!(bytes, "EHLO reset.test\r\n".len(), "bytes sent before the reset arrive");
+    assert_eq!(
+        bytes,
+        "EHLO reset.test\r\n".len(),
+        "bytes sent before the reset arrive"
+    );
     let _ = clean_eof; // a FIN or a reset both end the server's session
     let line = finished_line(&mxlb, client_addr)?;
     assert!(line.contains("ended=client-reset"), "{line}");

@@ -72,10 +72,7 @@ mod tests {
     #[test]
     fn weights_are_honoured_and_spread_out() {
         let rr = WeightedRoundRobin::new();
-        assert_eq!(
-            picks(&rr, &[up(5), up(1), up(1)], 7),
-            [0, 0, 1, 0, 2, 0, 0]
-        );
+        assert_eq!(picks(&rr, &[up(5), up(1), up(1)], 7), [0, 0, 1, 0, 2, 0, 0]);
         let rr = WeightedRoundRobin::new();
         let servers = [up(3), up(2), up(1)];
         let window = picks(&rr, &servers, 600);

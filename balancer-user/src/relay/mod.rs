@@ -7,6 +7,7 @@
 mod kernel;
 mod sockmap;
 mod userspace;
+mod watch;
 
 use std::fmt;
 use std::path::Path;

@@ -5,16 +5,16 @@
 //! can inspect them with bpftool) and removes the pins again when dropped.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
-use balancer_common::{
-    HANDOVER_MAP, Handover, SOCKS_MAP, TRAFFIC_MAP, Traffic, VERDICT_PROGRAM,
-};
+use balancer_common::{HANDOVER_MAP, Handover, SOCKS_MAP, TRAFFIC_MAP, Traffic, VERDICT_PROGRAM};
 use tracing::{debug, info, warn};
+
+use super::watch::Watcher;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(env!("MXLB_EBPF_OBJECT"));
@@ -27,6 +27,7 @@ pub struct KernelRelay {
     pub(super) socks: Mutex<SockHash<MapData, u64>>,
     pub(super) traffic: Mutex<HashMap<MapData, u64, Traffic>>,
     pub(super) handover: Mutex<HashMap<MapData, u64, Handover>>,
+    pub(super) watcher: Arc<Watcher>,
     pins: Vec<PathBuf>,
     pin_dir: PathBuf,
     /// Keeps the program loaded and attached: dropping `Ebpf` detaches it.
@@ -34,7 +35,8 @@ pub struct KernelRelay {
 }
 
 impl KernelRelay {
-    /// Loads and attaches the relay, sized for `max_connections` relayed connections.
+    /// Loads and attaches the relay, sized for `max_connections` relayed connections. Needs a
+    /// tokio runtime.
     pub fn load(pin_dir: &Path, max_connections: u32) -> anyhow::Result<KernelRelay> {
         ensure_bpffs(pin_dir)?;
         let max_sockets = max_connections.saturating_mul(2).max(2);
@@ -76,7 +78,9 @@ impl KernelRelay {
             .program_mut(VERDICT_PROGRAM)
             .with_context(|| format!("program {VERDICT_PROGRAM} missing from the eBPF object"))?
             .try_into()?;
-        program.load().context("loading the stream verdict program")?;
+        program
+            .load()
+            .context("loading the stream verdict program")?;
         // Attach before any socket is inserted: the kernel binds programs at insert time.
         program
             .attach(socks.fd())
@@ -88,7 +92,9 @@ impl KernelRelay {
         pins.push(program_pin);
 
         info!(pin_dir = %pin_dir.display(), max_sockets, "kernel relay loaded: {VERDICT_PROGRAM} attached to {SOCKS_MAP}");
+        let watcher = Watcher::start().context("creating the relay's epoll instance")?;
         Ok(KernelRelay {
+            watcher,
             socks: Mutex::new(socks),
             traffic: Mutex::new(traffic),
             handover: Mutex::new(handover),

@@ -28,21 +28,21 @@ pub async fn relay(mut client: TcpStream, mut server: TcpStream) -> Transfer {
         tokio::pin!(upstream, downstream);
         let (mut upstream_done, mut downstream_done) = (false, false);
         loop {
-        if upstream_done && downstream_done {
-            break Termination::Closed;
-        }
-        tokio::select! {
-            result = &mut upstream, if !upstream_done => match result {
-                Ok(()) => upstream_done = true,
-                Err(Failed::Reader) => break Termination::ClientReset,
-                Err(Failed::Writer) => break Termination::ServerReset,
-            },
-            result = &mut downstream, if !downstream_done => match result {
-                Ok(()) => downstream_done = true,
-                Err(Failed::Reader) => break Termination::ServerReset,
-                Err(Failed::Writer) => break Termination::ClientReset,
-            },
-        }
+            if upstream_done && downstream_done {
+                break Termination::Closed;
+            }
+            tokio::select! {
+                result = &mut upstream, if !upstream_done => match result {
+                    Ok(()) => upstream_done = true,
+                    Err(Failed::Reader) => break Termination::ClientReset,
+                    Err(Failed::Writer) => break Termination::ServerReset,
+                },
+                result = &mut downstream, if !downstream_done => match result {
+                    Ok(()) => downstream_done = true,
+                    Err(Failed::Reader) => break Termination::ServerReset,
+                    Err(Failed::Writer) => break Termination::ClientReset,
+                },
+            }
         }
     };
     Transfer {

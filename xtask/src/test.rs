@@ -1,0 +1,45 @@
+//! `cargo xtask test [-- CARGO-TEST-ARGS…]`: what CI runs (`.ci/run`).
+//!
+//! Set up, build the eBPF object, check formatting and lints (both workspaces), build, then
+//! `cargo test --workspace` with MXLB_BIN and MXLB_EBPF_OBJECT pointing at what was built.
+
+use anyhow::Result;
+
+use crate::{build_ebpf, cmd, setup};
+
+pub fn run(args: &[String]) -> Result<()> {
+    setup::run()?;
+    let object = build_ebpf::run()?;
+
+    cmd::run(cmd::cargo_at_root().args(["fmt", "--all", "--check"]))?;
+    // The eBPF crate is outside the workspace, so `--all` does not reach it.
+    cmd::run(cmd::cargo_at_root().args([
+        "fmt",
+        "--check",
+        "--manifest-path",
+        "balancer-ebpf/Cargo.toml",
+    ]))?;
+
+    cmd::run(cmd::workspace_cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut ebpf_clippy = build_ebpf::ebpf_cargo("clippy")?;
+    ebpf_clippy.args(["--release", "--", "-D", "warnings"]);
+    cmd::run(&mut ebpf_clippy)?;
+
+    cmd::run(cmd::workspace_cargo().args(["build", "--workspace"]))?;
+
+    let mxlb = cmd::host_target_dir().join("debug/mxlb");
+    cmd::run(
+        cmd::workspace_cargo()
+            .env("MXLB_BIN", &mxlb)
+            .env("MXLB_EBPF_OBJECT", &object)
+            .args(["test", "--workspace"])
+            .args(args),
+    )
+}
