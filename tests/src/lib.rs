@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 pub mod backend;
+pub mod delivery;
 pub mod haproxy;
 pub mod mxlb;
 pub mod postfix;
