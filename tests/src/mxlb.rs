@@ -196,6 +196,16 @@ impl Mxlb {
 
     /// Entries of a pinned hash map of this daemon, read with bpftool.
     pub fn map_entries(&self, map: &str) -> anyhow::Result<Vec<MapEntry>> {
+        self.dump(map)?.iter().map(MapEntry::from_json).collect()
+    }
+
+    /// How many keys a pinned map holds. Works for the sockhash too, whose values (sockets)
+    /// bpftool cannot read back.
+    pub fn map_key_count(&self, map: &str) -> anyhow::Result<usize> {
+        Ok(self.dump(map)?.len())
+    }
+
+    fn dump(&self, map: &str) -> anyhow::Result<Vec<serde_json::Value>> {
         let path = self.pin_path.join(map);
         let output = Command::new("bpftool")
             .args(["--json", "map", "dump", "pinned"])
@@ -209,26 +219,29 @@ impl Mxlb {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        let entries: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)?;
-        entries.iter().map(MapEntry::from_json).collect()
+        Ok(serde_json::from_slice(&output.stdout)?)
     }
 
-    /// Waits until the daemon holds `fds` descriptors and its traffic map is empty: every
+    /// Waits until the daemon holds `fds` descriptors and its maps are empty: every
     /// finished connection gave back its sockets and map entries.
     pub fn wait_until_clean(&self, fds: usize, kernel: bool) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let open = self.fd_count()?;
-            let entries = if kernel {
-                self.map_entries("mxlb_traffic")?.len()
-            } else {
-                0
-            };
-            if open == fds && entries == 0 {
+            let mut entries = Vec::new();
+            if kernel {
+                for map in ["mxlb_socks", "mxlb_traffic", "mxlb_handover"] {
+                    let count = self.map_key_count(map)?;
+                    if count > 0 {
+                        entries.push(format!("{count} in {map}"));
+                    }
+                }
+            }
+            if open == fds && entries.is_empty() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("leak: {open} fds open (baseline {fds}), {entries} mxlb_traffic entries");
+                bail!("leak: {open} fds open (idle: {fds}), map entries left: {entries:?}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -1,0 +1,204 @@
+//! The daemon as an operator meets it: config errors, relay selection, the pinned kernel
+//! objects bpftool shows, and the demo.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, binary, config, pin_path};
+use mxlb_tests::swaks::Swaks;
+use mxlb_tests::{free_addr, run_command};
+
+fn bpftool_json(args: &[&str], pin: &Path) -> Result<serde_json::Value> {
+    let output = Command::new("bpftool")
+        .arg("--json")
+        .args(args)
+        .arg(pin)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "bpftool {args:?} {}: {}",
+        pin.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+#[test]
+fn bpftool_shows_the_pinned_program_and_maps_while_running() -> Result<()> {
+    let backend = TcpListener::bind("127.0.0.1:0")?;
+    let listen = free_addr();
+    let pins = pin_path("bpftool");
+    let text = config(
+        RelayKind::Kernel,
+        &pins,
+        listen,
+        &[ServerEntry {
+            name: "idle",
+            addr: backend.local_addr()?,
+            send_proxy: "none",
+        }],
+    );
+    let mxlb = Mxlb::start(&text, listen, &pins)?;
+
+    let program = bpftool_json(&["prog", "show", "pinned"], &pins.join("mxlb_verdict"))?;
+    ensure!(program["name"] == "mxlb_verdict", "{program}");
+    ensure!(program["type"] == "sk_skb", "{program}");
+    for (map, kind) in [
+        ("mxlb_socks", "sockhash"),
+        ("mxlb_traffic", "hash"),
+        ("mxlb_handover", "hash"),
+    ] {
+        let shown = bpftool_json(&["map", "show", "pinned"], &pins.join(map))?;
+        ensure!(shown["name"] == map && shown["type"] == kind, "{shown}");
+        // Sized from global.maxconn (default 20000): two sockets per connection.
+        ensure!(shown["max_entries"] == 40_000, "{shown}");
+        // The program uses this very map.
+        let ids = program["map_ids"].as_array().context("map_ids")?;
+        ensure!(
+            ids.contains(&shown["id"]),
+            "{map} not used by the program: {program}"
+        );
+    }
+
+    // The system-wide listing names them too, as operators will look for them.
+    let listing = Command::new("bpftool").args(["prog", "show"]).output()?;
+    ensure!(String::from_utf8_lossy(&listing.stdout).contains("name mxlb_verdict"));
+
+    let status = mxlb.stop()?;
+    ensure!(status.success(), "mxlb exited with {status}");
+    ensure!(!pins.exists(), "a clean exit removes the pins");
+    Ok(())
+}
+
+#[test]
+fn config_errors_exit_2_with_file_line_and_column() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[listen]]\nname = \"smtp\"\nbind = \"127.0.0.1:2525\"\n\n\
+         [[listen.server]]\nname = \"mail1\"\naddres = \"127.0.0.1:25\"\n",
+    )?;
+    let expected = format!("{}:7:1:", path.display());
+    for args in [
+        vec!["check-config".as_ref(), path.as_os_str()],
+        vec!["run".as_ref(), "--config".as_ref(), path.as_os_str()],
+    ] {
+        let output = run_command(Command::new(binary()).args(&args), Duration::from_secs(10))?;
+        ensure!(
+            output.status.code() == Some(2),
+            "{args:?}: expected exit 2, got {}: {}",
+            output.status,
+            output.output
+        );
+        ensure!(
+            output.output.starts_with(&expected),
+            "{args:?}: expected {expected:?}…, got {:?}",
+            output.output
+        );
+    }
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[[listen]]\nname = \"smtp\"\nbind = \"127.0.0.1:2525\"\n\n\
+         [[listen.server]]\nname = \"mail1\"\naddr = \"127.0.0.1:25\"\n",
+    )?;
+    let output = run_command(
+        Command::new(binary()).arg("check-config").arg(&good),
+        Duration::from_secs(10),
+    )?;
+    ensure!(output.status.success(), "{}", output.output);
+    Ok(())
+}
+
+/// A pin path outside bpffs makes the kernel relay fail to load: `sockmap` must refuse to
+/// start, `auto` must fall back to user space and say why.
+#[test]
+fn relay_auto_falls_back_and_names_the_reason_sockmap_refuses() -> Result<()> {
+    let backend = TcpListener::bind("127.0.0.1:0")?;
+    let not_bpffs = tempfile::tempdir()?;
+    let servers = [ServerEntry {
+        name: "idle",
+        addr: backend.local_addr()?,
+        send_proxy: "none",
+    }];
+
+    let listen = free_addr();
+    let text = config(RelayKind::Kernel, not_bpffs.path(), listen, &servers);
+    let config_path = not_bpffs.path().join("sockmap.toml");
+    std::fs::write(&config_path, &text)?;
+    let output = run_command(
+        Command::new(binary())
+            .args(["run", "--config"])
+            .arg(&config_path),
+        Duration::from_secs(10),
+    )?;
+    ensure!(output.status.code() == Some(1), "{}", output.output);
+    ensure!(
+        output.output.contains("not on a bpf filesystem"),
+        "the error names the reason: {}",
+        output.output
+    );
+
+    let listen = free_addr();
+    let text = config(RelayKind::Kernel, not_bpffs.path(), listen, &servers)
+        .replace("relay = \"sockmap\"", "relay = \"auto\"");
+    let mxlb = Mxlb::start(&text, listen, not_bpffs.path())?;
+    let log = mxlb.log();
+    ensure!(
+        log.contains("relay: user space, because the kernel relay could not load")
+            && log.contains("not on a bpf filesystem"),
+        "{log}"
+    );
+    Ok(())
+}
+
+/// What `cargo xtask run` starts: mail alternates between the two built-in backends, and
+/// each names the client address it was told in the PROXY header.
+#[test]
+fn demo_alternates_backends_and_shows_client_addresses() -> Result<()> {
+    let listen: SocketAddr = "127.0.0.1:2525".parse()?;
+    let log = tempfile::NamedTempFile::new()?;
+    let mut demo = Command::new(binary())
+        .arg("demo")
+        .stdout(std::process::Stdio::null())
+        .stderr(log.reopen()?)
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        mxlb_tests::wait_for_listen(&[listen], Duration::from_secs(20))?;
+        let mut backends = Vec::new();
+        for octet in [41u8, 42, 43, 44] {
+            let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, octet));
+            let outcome = Swaks::send(listen, client, "you@example.test", "demo", None)?;
+            outcome.ensure_success()?;
+            let banner = outcome.banner.clone().unwrap_or_default();
+            ensure!(
+                banner.contains(&format!("you are {client}:")),
+                "banner does not show the client address {client}: {banner}"
+            );
+            let backend = if banner.contains("demo1") {
+                "demo1"
+            } else {
+                "demo2"
+            };
+            backends.push(backend);
+        }
+        ensure!(
+            backends == ["demo1", "demo2", "demo1", "demo2"],
+            "{backends:?}"
+        );
+        Ok(())
+    })();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(demo.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let status = demo.wait()?;
+    result.with_context(|| std::fs::read_to_string(log.path()).unwrap_or_default())?;
+    ensure!(status.success(), "demo exited with {status}");
+    Ok(())
+}
