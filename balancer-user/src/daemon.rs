@@ -114,9 +114,17 @@ async fn accept_loop(
 async fn wait_for_stop_signal() -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM received"),
-        _ = interrupt.recv() => info!("SIGINT received"),
-    }
+    // SIGHUP's default action would kill the daemon and every relay with it.
+    let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let name = loop {
+        tokio::select! {
+            _ = terminate.recv() => break "SIGTERM",
+            _ = interrupt.recv() => break "SIGINT",
+            _ = hangup.recv() => {
+                warn!("SIGHUP received: configuration reload is not supported yet; ignored");
+            }
+        }
+    };
+    info!("{name} received");
     Ok(())
 }

@@ -86,6 +86,16 @@ pub struct Mxlb {
 impl Mxlb {
     /// Starts `mxlb run` with `config_text` and waits until it accepts on `listen`.
     pub fn start(config_text: &str, listen: SocketAddr, pin_path: &Path) -> anyhow::Result<Mxlb> {
+        Self::start_with_env(config_text, listen, pin_path, &[])
+    }
+
+    /// [`Mxlb::start`] with extra environment variables (fault injection).
+    pub fn start_with_env(
+        config_text: &str,
+        listen: SocketAddr,
+        pin_path: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Mxlb> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("mxlb.toml");
         std::fs::write(&config_path, config_text)?;
@@ -97,6 +107,7 @@ impl Mxlb {
                 "RUST_LOG",
                 std::env::var("MXLB_TEST_LOG").unwrap_or_else(|_| "info,mxlb=debug".to_owned()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -107,7 +107,10 @@ impl KernelRelay {
         // Measured before pairing: from the insert on, the kernel may send into them.
         let client_sent = sockopt::bytes_taken_for_sending(&client)?;
         let server_sent = sockopt::bytes_taken_for_sending(&server)?;
-        if let Err(error) = self.pair(&client, client_cookie, &server, server_cookie) {
+        let paired = self
+            .pair(&client, client_cookie, &server, server_cookie)
+            .await;
+        if let Err(error) = paired {
             // The kernel only takes established sockets: a server that closed right after
             // its banner (CLOSE_WAIT already) is refused. Such a connection is short by
             // definition; relay it in user space.
@@ -130,7 +133,7 @@ impl KernelRelay {
 
     /// Pairs the two sockets in the sockhash. The `Traffic` entries go in first, so the
     /// verdict counts from the very first byte.
-    fn pair(
+    async fn pair(
         &self,
         client: &tokio::net::TcpStream,
         client_cookie: u64,
@@ -143,18 +146,28 @@ impl KernelRelay {
                 traffic.insert(cookie, Traffic::default(), 0)?;
             }
         }
-        let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
         // Entry keyed by the server first: it attaches the verdict to the client socket,
         // which speaks second in SMTP. Either order is safe (bytes without a peer are held),
         // this one just makes holding rare.
-        socks.insert(server_cookie, client.as_raw_fd(), 0)?;
-        socks.insert(client_cookie, server.as_raw_fd(), 0)?;
+        self.lock_socks()
+            .insert(server_cookie, client.as_raw_fd(), 0)?;
+        if let Some(delay) = self.fault_pairing_delay {
+            tokio::time::sleep(delay).await;
+        }
+        self.lock_socks()
+            .insert(client_cookie, server.as_raw_fd(), 0)?;
         Ok(())
+    }
+
+    fn lock_socks(
+        &self,
+    ) -> std::sync::MutexGuard<'_, aya::maps::SockHash<aya::maps::MapData, u64>> {
+        self.socks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Undoes a partial pairing: map entries go, the sockets stay open.
     fn forget(&self, cookies: &[u64]) {
-        let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut socks = self.lock_socks();
         let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
         let mut handover = self.handover.lock().unwrap_or_else(|e| e.into_inner());
         for cookie in cookies {
@@ -370,6 +383,13 @@ impl KernelRelay {
             bytes_out: server.relayed(),
             ended,
         };
+        if client.forwarded + server.forwarded > 0 {
+            debug!(
+                held_in = client.forwarded,
+                held_out = server.forwarded,
+                "held bytes handed over by the daemon"
+            );
+        }
         for side in [&client, &server] {
             self.watcher.unwatch(&side.stream, side.cookie);
         }

@@ -28,6 +28,9 @@ pub struct KernelRelay {
     pub(super) traffic: Mutex<HashMap<MapData, u64, Traffic>>,
     pub(super) handover: Mutex<HashMap<MapData, u64, Handover>>,
     pub(super) watcher: Arc<Watcher>,
+    /// Fault injection for tests: a pause between the two sockhash inserts, which makes
+    /// the verdict hold early bytes so the hand-over path runs (`MXLB_FAULT_PAIRING_DELAY_MS`).
+    pub(super) fault_pairing_delay: Option<std::time::Duration>,
     pins: Vec<PathBuf>,
     pin_dir: PathBuf,
     /// Keeps the program loaded and attached: dropping `Ebpf` detaches it.
@@ -93,8 +96,19 @@ impl KernelRelay {
 
         info!(pin_dir = %pin_dir.display(), max_sockets, "kernel relay loaded: {VERDICT_PROGRAM} attached to {SOCKS_MAP}");
         let watcher = Watcher::start().context("creating the relay's epoll instance")?;
+        let fault_pairing_delay = std::env::var("MXLB_FAULT_PAIRING_DELAY_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(std::time::Duration::from_millis);
+        if let Some(delay) = fault_pairing_delay {
+            warn!(
+                ?delay,
+                "fault injection: pausing between the two sockhash inserts"
+            );
+        }
         Ok(KernelRelay {
             watcher,
+            fault_pairing_delay,
             socks: Mutex::new(socks),
             traffic: Mutex::new(traffic),
             handover: Mutex::new(handover),
