@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Balance, CheckType, Config};
 use crate::relay::Relay;
 use crate::session::Frontend;
 
@@ -22,6 +22,7 @@ const LISTEN_BACKLOG: u32 = 1024;
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    refuse_or_warn_unimplemented(&config)?;
     let relay = Relay::start(
         config.global.relay,
         &config.global.pin_path,
@@ -68,6 +69,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     drop(relay);
     info!("stopped");
+    Ok(())
+}
+
+/// Keys the parser accepts (they are part of the contract) but the daemon does not act on
+/// yet: a warning each, or a refusal where ignoring the key would corrupt sessions.
+fn refuse_or_warn_unimplemented(config: &Config) -> anyhow::Result<()> {
+    if config.stats.is_some() {
+        warn!("[stats] is not served yet: no statistics page or admin API");
+    }
+    for listener in &config.listeners {
+        let name = &listener.name;
+        anyhow::ensure!(
+            !listener.accept_proxy,
+            "listener {name}: accept_proxy is not supported yet; an upstream PROXY header \
+             would reach the servers as SMTP input"
+        );
+        if listener.balance != Balance::RoundRobin {
+            warn!(listener = %name, "balance {:?} is not implemented yet: using roundrobin", listener.balance);
+        }
+        if listener.check.kind != CheckType::None {
+            warn!(listener = %name, "health checks are not implemented yet: every server is considered up");
+        }
+        if listener.servers.iter().any(|server| server.backup) {
+            warn!(listener = %name, "backup servers receive no clients until health checks exist");
+        }
+    }
     Ok(())
 }
 
