@@ -10,8 +10,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
-use crate::balance::{Candidate, Selector, WeightedRoundRobin};
-use crate::config::{Balance, Listener, Server};
+use crate::balance::{self, Candidate, Selector};
+use crate::config::{Listener, Server};
 use crate::proxy_header::{self, ProxyHeader};
 use crate::relay::{Relay, Termination, Transfer};
 
@@ -27,12 +27,7 @@ pub struct Frontend {
 
 impl Frontend {
     pub fn new(config: Listener, relay: Relay) -> Frontend {
-        let selector: Box<dyn Selector> = match config.balance {
-            // Only round-robin exists so far; the others arrive with health checks.
-            Balance::RoundRobin | Balance::LeastConn | Balance::Source | Balance::First => {
-                Box::new(WeightedRoundRobin::new())
-            }
-        };
+        let selector = balance::selector_for(config.balance);
         Frontend {
             config,
             selector,
@@ -47,10 +42,11 @@ impl Frontend {
             .iter()
             .map(|server| Candidate {
                 weight: server.weight,
-                eligible: !server.backup,
+                backup: server.backup,
+                ..Candidate::up()
             })
             .collect();
-        let index = self.selector.pick(&candidates, client.ip())?;
+        let index = balance::pick(self.selector.as_ref(), &candidates, client.ip())?;
         self.config.servers.get(index)
     }
 

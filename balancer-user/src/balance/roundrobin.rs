@@ -53,7 +53,7 @@ mod tests {
     fn up(weight: u32) -> Candidate {
         Candidate {
             weight,
-            eligible: true,
+            ..Candidate::up()
         }
     }
 
@@ -88,8 +88,8 @@ mod tests {
         let servers = [
             up(1),
             Candidate {
-                weight: 1,
                 eligible: false,
+                ..Candidate::up()
             },
             up(0),
             up(1),
@@ -101,8 +101,8 @@ mod tests {
     fn nothing_eligible_gives_none() {
         let rr = WeightedRoundRobin::new();
         let servers = [Candidate {
-            weight: 1,
             eligible: false,
+            ..Candidate::up()
         }];
         assert_eq!(rr.pick(&servers, CLIENT), None);
         assert_eq!(rr.pick(&[], CLIENT), None);
