@@ -43,12 +43,25 @@ pub fn config(
     listen: SocketAddr,
     servers: &[ServerEntry<'_>],
 ) -> String {
+    config_with_listener_keys(relay, pin_path, listen, servers, "")
+}
+
+/// [`config`] with extra TOML after the listener's own keys, before its servers (for
+/// example a `[listen.check]` table).
+pub fn config_with_listener_keys(
+    relay: RelayKind,
+    pin_path: &Path,
+    listen: SocketAddr,
+    servers: &[ServerEntry<'_>],
+    listener_keys: &str,
+) -> String {
     let mut text = format!(
         "[global]\npin_path = \"{}\"\nrelay = \"{}\"\ngrace = \"2s\"\n\n\
          [[listen]]\nname = \"smtp\"\nbind = [\"{listen}\"]\ntimeout_connect = \"2s\"\n",
         pin_path.display(),
         relay.config_value()
     );
+    text.push_str(listener_keys);
     for server in servers {
         text.push_str(&format!(
             "\n[[listen.server]]\nname = \"{}\"\naddr = \"{}\"\nsend_proxy = \"{}\"\n",

@@ -87,6 +87,8 @@ pub struct PostfixInstance {
     dir: Option<TempDir>,
     root: PathBuf,
     services: Vec<SmtpdService>,
+    /// Services taken off the network with [`PostfixInstance::disable_service`].
+    disabled: Vec<String>,
     startup_time: Duration,
 }
 
@@ -113,6 +115,7 @@ impl PostfixInstance {
             dir: Some(dir),
             root,
             services: services.to_vec(),
+            disabled: Vec::new(),
             startup_time: Duration::ZERO,
         };
         instance.write_config()?;
@@ -277,6 +280,55 @@ impl PostfixInstance {
             }
             thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// Takes the smtpd service `name` off the network, as an operator would for maintenance:
+    /// `master.cf` loses the service and `postfix reload` closes its listening socket.
+    /// Sessions in progress finish and queued mail is still delivered.
+    pub fn disable_service(&mut self, name: &str) -> Result<()> {
+        let addr = self.service(name).context("no such service")?.addr;
+        self.disabled.push(name.to_owned());
+        self.reload()?;
+        crate::wait_until(
+            "the service to stop listening",
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || Ok((!crate::is_listening(addr)?).then_some(())),
+        )
+    }
+
+    /// Puts a service taken off with [`PostfixInstance::disable_service`] back.
+    pub fn enable_service(&mut self, name: &str) -> Result<()> {
+        let addr = self.service(name).context("no such service")?.addr;
+        self.disabled.retain(|disabled| disabled != name);
+        self.reload()?;
+        crate::wait_for_listen(&[addr], Duration::from_secs(20))
+    }
+
+    fn reload(&self) -> Result<()> {
+        let enabled: Vec<SmtpdService> = self
+            .services
+            .iter()
+            .filter(|s| !self.disabled.contains(&s.name))
+            .cloned()
+            .collect();
+        let template = std::fs::read_to_string(DEBIAN_MASTER_CF)?;
+        std::fs::write(
+            self.config_dir().join("master.cf"),
+            master_cf(&template, &enabled),
+        )?;
+        let out = run_command(
+            Command::new("postfix")
+                .arg("-c")
+                .arg(self.config_dir())
+                .arg("reload")
+                .env_remove("MAIL_CONFIG"),
+            Duration::from_secs(20),
+        )?;
+        if !out.status.success() {
+            bail!("postfix reload failed ({}): {}", out.status, out.output);
+        }
+        Ok(())
     }
 
     /// Stops the instance (also done on drop). Idempotent.

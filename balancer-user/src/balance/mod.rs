@@ -6,9 +6,15 @@
 //! every algorithm: [`pick`] offers the algorithm the normal servers, or only the backups
 //! when no normal server is eligible.
 
+mod first;
+mod leastconn;
 mod roundrobin;
+mod source;
 
+pub use first::First;
+pub use leastconn::LeastConnections;
 pub use roundrobin::WeightedRoundRobin;
+pub use source::SourceHash;
 
 use std::net::IpAddr;
 
@@ -51,9 +57,10 @@ pub trait Selector: Send + Sync {
 /// The selector for a listener's `balance` setting.
 pub fn selector_for(balance: Balance) -> Box<dyn Selector> {
     match balance {
-        Balance::RoundRobin | Balance::LeastConn | Balance::Source | Balance::First => {
-            Box::new(WeightedRoundRobin::new())
-        }
+        Balance::RoundRobin => Box::new(WeightedRoundRobin::new()),
+        Balance::LeastConn => Box::new(LeastConnections::new()),
+        Balance::Source => Box::new(SourceHash::new()),
+        Balance::First => Box::new(First::new()),
     }
 }
 
@@ -78,6 +85,102 @@ mod tests {
     use std::net::Ipv4Addr;
 
     const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    const ALL: [Balance; 4] = [
+        Balance::RoundRobin,
+        Balance::LeastConn,
+        Balance::Source,
+        Balance::First,
+    ];
+
+    fn client(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, n))
+    }
+
+    fn with_sessions(sessions: u32) -> Candidate {
+        Candidate {
+            sessions,
+            ..Candidate::up()
+        }
+    }
+
+    /// The servers chosen for `clients` in turn.
+    fn picks(balance: Balance, servers: &[Candidate], clients: &[IpAddr]) -> Vec<Option<usize>> {
+        let selector = selector_for(balance);
+        clients
+            .iter()
+            .map(|&c| pick(selector.as_ref(), servers, c))
+            .collect()
+    }
+
+    #[test]
+    fn roundrobin_takes_servers_in_turn() {
+        let servers = [with_sessions(9), with_sessions(0)];
+        let chosen = picks(Balance::RoundRobin, &servers, &[CLIENT; 4]);
+        assert_eq!(chosen, [Some(0), Some(1), Some(0), Some(1)]);
+    }
+
+    #[test]
+    fn leastconn_takes_the_least_loaded_server() {
+        let servers = [with_sessions(9), with_sessions(2), with_sessions(5)];
+        let chosen = picks(Balance::LeastConn, &servers, &[CLIENT; 3]);
+        assert_eq!(chosen, [Some(1); 3]);
+    }
+
+    #[test]
+    fn source_keeps_each_client_on_one_server() {
+        let servers = [Candidate::up(), Candidate::up()];
+        let clients: Vec<IpAddr> = (1..=40).map(client).collect();
+        let chosen = picks(Balance::Source, &servers, &clients);
+        // The same clients again, even through another selector, land where they did.
+        assert_eq!(picks(Balance::Source, &servers, &clients), chosen);
+        let selector = selector_for(Balance::Source);
+        for (&c, &server) in clients.iter().zip(&chosen) {
+            assert_eq!(pick(selector.as_ref(), &servers, c), server);
+            assert_eq!(pick(selector.as_ref(), &servers, c), server);
+        }
+        // Different clients use both servers.
+        assert!(chosen.contains(&Some(0)) && chosen.contains(&Some(1)));
+    }
+
+    #[test]
+    fn first_always_takes_the_first_server() {
+        let servers = [with_sessions(9), with_sessions(0), with_sessions(0)];
+        let clients: Vec<IpAddr> = (1..=10).map(client).collect();
+        assert_eq!(picks(Balance::First, &servers, &clients), [Some(0); 10]);
+    }
+
+    #[test]
+    fn every_algorithm_falls_back_to_backups_and_skips_the_unusable() {
+        let down = Candidate {
+            eligible: false,
+            ..Candidate::up()
+        };
+        let drained = Candidate {
+            weight: 0,
+            ..Candidate::up()
+        };
+        let backup = Candidate {
+            backup: true,
+            ..Candidate::up()
+        };
+        for balance in ALL {
+            let selector = selector_for(balance);
+            let s = selector.as_ref();
+            assert_eq!(
+                pick(s, &[down, drained, backup], CLIENT),
+                Some(2),
+                "{balance:?}"
+            );
+            assert_eq!(
+                pick(s, &[backup, Candidate::up()], CLIENT),
+                Some(1),
+                "{balance:?}"
+            );
+            assert_eq!(pick(s, &[down, drained], CLIENT), None, "{balance:?}");
+            assert_eq!(pick(s, &[], CLIENT), None, "{balance:?}");
+        }
+    }
 
     #[test]
     fn backups_only_when_no_normal_server_is_eligible() {
