@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{Balance, CheckType, Config};
+use crate::config::{Balance, Config};
 use crate::relay::Relay;
 use crate::session::Frontend;
 
@@ -34,6 +34,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut acceptors = Vec::new();
     for listener in &config.listeners {
         let frontend = Arc::new(Frontend::new(listener.clone(), relay.clone()));
+        frontend.pool.start_monitors(listener, &stop);
         for &addr in &listener.bind {
             let socket = bind(addr)
                 .with_context(|| format!("listener {}: binding {addr}", listener.name))?;
@@ -87,12 +88,6 @@ fn refuse_or_warn_unimplemented(config: &Config) -> anyhow::Result<()> {
         );
         if listener.balance != Balance::RoundRobin {
             warn!(listener = %name, "balance {:?} is not implemented yet: using roundrobin", listener.balance);
-        }
-        if listener.check.kind != CheckType::None {
-            warn!(listener = %name, "health checks are not implemented yet: every server is considered up");
-        }
-        if listener.servers.iter().any(|server| server.backup) {
-            warn!(listener = %name, "backup servers receive no clients until health checks exist");
         }
     }
     Ok(())

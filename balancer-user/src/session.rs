@@ -10,8 +10,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
-use crate::balance::{self, Candidate, Selector};
+use crate::balance::{self, Selector};
 use crate::config::{Listener, Server};
+use crate::pool::{Pool, ServerRuntime};
 use crate::proxy_header::{self, ProxyHeader};
 use crate::relay::{Relay, Termination, Transfer};
 
@@ -21,33 +22,37 @@ const NO_SERVER_REPLY: &[u8] = b"421 4.3.0 mxlb: no mail server available, try a
 /// A listener's servers and policy, shared by all its sessions.
 pub struct Frontend {
     pub config: Listener,
+    pub pool: Arc<Pool>,
     selector: Box<dyn Selector>,
     relay: Relay,
 }
 
 impl Frontend {
     pub fn new(config: Listener, relay: Relay) -> Frontend {
-        let selector = balance::selector_for(config.balance);
         Frontend {
+            selector: balance::selector_for(config.balance),
+            pool: Arc::new(Pool::new(&config)),
             config,
-            selector,
             relay,
         }
     }
 
-    fn pick(&self, client: SocketAddr) -> Option<&Server> {
-        let candidates: Vec<Candidate> = self
-            .config
-            .servers
+    /// Chooses a server for `client`, avoiding the servers in `tried` when another is
+    /// available (a redispatched retry goes elsewhere).
+    fn pick(&self, client: SocketAddr, tried: &[usize]) -> Option<usize> {
+        let mut candidates = self.pool.candidates();
+        let untried = candidates
             .iter()
-            .map(|server| Candidate {
-                weight: server.weight,
-                backup: server.backup,
-                ..Candidate::up()
-            })
-            .collect();
-        let index = balance::pick(self.selector.as_ref(), &candidates, client.ip())?;
-        self.config.servers.get(index)
+            .enumerate()
+            .any(|(index, c)| c.eligible && !tried.contains(&index));
+        if untried {
+            for &index in tried {
+                if let Some(candidate) = candidates.get_mut(index) {
+                    candidate.eligible = false;
+                }
+            }
+        }
+        balance::pick(self.selector.as_ref(), &candidates, client.ip())
     }
 
     /// Serves one accepted client until its relay ends.
@@ -58,6 +63,8 @@ impl Frontend {
             refuse(client, client_addr, &self.config.name).await;
             return;
         };
+        let _session = server.open_session();
+        let server = &server.config;
         debug!(
             client = %client_addr,
             listener = %self.config.name,
@@ -91,25 +98,35 @@ impl Frontend {
         );
     }
 
-    /// Connects to a server, retrying `retries` times; with `redispatch` each retry asks the
-    /// selector again (so it lands on another server), without it the same server is retried.
-    async fn connect(&self, client: SocketAddr) -> Option<(&Server, TcpStream, Duration)> {
-        let mut server = self.pick(client)?;
+    /// Connects to a server, retrying `retries` times. With `redispatch` each retry goes to
+    /// another server when one is available; without it the same server is retried. A
+    /// failed connect counts against the server's health at once.
+    async fn connect(
+        &self,
+        client: SocketAddr,
+    ) -> Option<(Arc<ServerRuntime>, TcpStream, Duration)> {
+        let mut tried = Vec::new();
+        let mut index = self.pick(client, &tried)?;
         for attempt in 0..=self.config.retries {
             if attempt > 0 && self.config.redispatch {
-                server = self.pick(client)?;
+                index = self.pick(client, &tried)?;
             }
+            let server = self.pool.servers.get(index)?.clone();
             let started = Instant::now();
-            match connect(server.addr, self.config.timeout_connect).await {
+            match connect(server.config.addr, self.config.timeout_connect).await {
                 Ok(stream) => return Some((server, stream, started.elapsed())),
-                Err(error) => warn!(
-                    client = %client,
-                    listener = %self.config.name,
-                    server = %server.name,
-                    attempt = attempt + 1,
-                    %error,
-                    "connect to {} failed", server.addr
-                ),
+                Err(error) => {
+                    warn!(
+                        client = %client,
+                        listener = %self.config.name,
+                        server = %server.config.name,
+                        attempt = attempt + 1,
+                        %error,
+                        "connect to {} failed", server.config.addr
+                    );
+                    self.pool.record_connect_failure(&server, &error);
+                    tried.push(index);
+                }
             }
         }
         None

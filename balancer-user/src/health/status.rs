@@ -146,11 +146,23 @@ mod tests {
     #[test]
     fn results_display_like_the_haproxy_stats_page() {
         let cases = [
-            (result(CheckStatus::L7Ok, Some(250), 1, "250 mx"), "L7OK/250 in 1ms"),
-            (result(CheckStatus::L7Sts, Some(421), 3, ""), "L7STS/421 in 3ms"),
+            (
+                result(CheckStatus::L7Ok, Some(250), 1, "250 mx"),
+                "L7OK/250 in 1ms",
+            ),
+            (
+                result(CheckStatus::L7Sts, Some(421), 3, ""),
+                "L7STS/421 in 3ms",
+            ),
             (result(CheckStatus::L4Con, None, 0, "x"), "L4CON in 0ms"),
-            (result(CheckStatus::L7Tout, None, 2001, ""), "L7TOUT in 2001ms"),
-            (result(CheckStatus::L7Rsp, None, 1, "garbage"), "L7RSP in 1ms"),
+            (
+                result(CheckStatus::L7Tout, None, 2001, ""),
+                "L7TOUT in 2001ms",
+            ),
+            (
+                result(CheckStatus::L7Rsp, None, 1, "garbage"),
+                "L7RSP in 1ms",
+            ),
         ];
         for (result, shown) in cases {
             assert_eq!(result.to_string(), shown);

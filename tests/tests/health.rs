@@ -1,0 +1,298 @@
+//! Health checks and failover against real Postfix backends and scripted bad servers:
+//! what HAProxy's `option smtpchk` does, and no mail lost when a server goes away.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use mxlb_tests::free_addr;
+use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path};
+use mxlb_tests::postfix::{PostfixInstance, SmtpdService};
+use mxlb_tests::swaks::Swaks;
+
+/// Fast checks so the tests run in seconds: every interval is 200 ms, two checks either way.
+const INTER: Duration = Duration::from_millis(200);
+const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+const RISE: u32 = 2;
+const FALL: u32 = 2;
+
+fn check_keys(inter: Duration, timeout: Duration) -> String {
+    format!(
+        "retries = 3\nredispatch = true\n\n[listen.check]\ntype = \"smtp\"\nverb = \"EHLO\"\n\
+         domain = \"lb.example.test\"\ninter = \"{}ms\"\ntimeout = \"{}ms\"\nrise = {RISE}\n\
+         fall = {FALL}\n",
+        inter.as_millis(),
+        timeout.as_millis()
+    )
+}
+
+fn start_mxlb(test: &str, servers: &[ServerEntry<'_>], keys: &str) -> Result<Mxlb> {
+    let listen = free_addr();
+    let pins = pin_path(test);
+    let text = config_with_listener_keys(RelayKind::Kernel, &pins, listen, servers, keys);
+    Mxlb::start(&text, listen, &pins)
+}
+
+/// One message of the continuous stream.
+struct Sent {
+    ok: bool,
+    banner: String,
+    at: Instant,
+    transcript: String,
+}
+
+/// Sends mail through `server` in a loop until `stop`, one message at a time, from
+/// rotating 127.0.0.x addresses.
+fn mail_stream(server: SocketAddr, stop: Arc<AtomicBool>) -> thread::JoinHandle<Vec<Sent>> {
+    thread::spawn(move || {
+        let mut sent = Vec::new();
+        let mut i = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            let client = IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1 + (i % 200) as u8));
+            let outcome = Swaks::send(
+                server,
+                client,
+                "user@example.test",
+                &format!("failover {i}"),
+                Some(format!("message {i}\n").as_bytes()),
+            );
+            let (ok, banner, transcript) = match outcome {
+                Ok(outcome) => (
+                    outcome.success(),
+                    outcome.banner.clone().unwrap_or_default(),
+                    outcome.transcript.clone(),
+                ),
+                Err(error) => (false, String::new(), format!("{error:#}")),
+            };
+            sent.push(Sent {
+                ok,
+                banner,
+                at: Instant::now(),
+                transcript,
+            });
+            i += 1;
+        }
+        sent
+    })
+}
+
+/// A continuous stream of mail while one backend is taken off the network and brought
+/// back: nothing refused, nothing lost, the outage detected within fall × inter + timeout,
+/// the return within rise checks, and mail flows to the server again.
+#[test]
+fn failover_loses_no_mail_and_the_server_comes_back() -> Result<()> {
+    let mut postfix = PostfixInstance::start(&[
+        SmtpdService::with_proxy("mail1", free_addr()),
+        SmtpdService::with_proxy("mail2", free_addr()),
+    ])?;
+    let servers = [
+        ServerEntry {
+            name: "mail1",
+            addr: postfix.services()[0].addr,
+            send_proxy: "v1",
+        },
+        ServerEntry {
+            name: "mail2",
+            addr: postfix.services()[1].addr,
+            send_proxy: "v2",
+        },
+    ];
+    let mxlb = start_mxlb("failover", &servers, &check_keys(INTER, CHECK_TIMEOUT))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = mail_stream(mxlb.listen, stop.clone());
+    thread::sleep(Duration::from_millis(1500));
+
+    let went_down = Instant::now();
+    postfix.disable_service("mail2")?;
+    mxlb.wait_for_log_count("server smtp/mail2 is DOWN", 1, Duration::from_secs(10))?;
+    let detected = went_down.elapsed();
+    thread::sleep(Duration::from_millis(1500));
+
+    let came_back = Instant::now();
+    postfix.enable_service("mail2")?;
+    mxlb.wait_for_log_count("server smtp/mail2 is UP", 1, Duration::from_secs(10))?;
+    let recovered = came_back.elapsed();
+    let up_again = Instant::now();
+    thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let sent = stream.join().expect("mail stream thread");
+
+    // Nothing refused while another server was up.
+    let failed: Vec<&Sent> = sent.iter().filter(|s| !s.ok).collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {} messages refused, first:\n{}",
+        failed.len(),
+        sent.len(),
+        failed[0].transcript
+    );
+    // Nothing lost: every accepted message is delivered.
+    let delivered = postfix.wait_for_messages(sent.len(), Duration::from_secs(30))?;
+    ensure!(delivered.len() == sent.len(), "{} sent, {} delivered", sent.len(), delivered.len());
+    // Mail flows to mail2 again once it is back up.
+    let to_mail2_after = sent
+        .iter()
+        .filter(|s| s.at > up_again && s.banner.starts_with("220 mail2.test"))
+        .count();
+    ensure!(to_mail2_after > 0, "no mail reached mail2 after it came back");
+
+    // HAProxy's bound: fall checks at most `inter` apart, each bounded by `timeout` (a
+    // refused connect fails at once, so detection is usually faster). The slack covers
+    // scheduling and the reload that takes the service away.
+    let bound = INTER * FALL + CHECK_TIMEOUT + Duration::from_millis(500);
+    ensure!(detected <= bound, "DOWN detected after {detected:?}, bound {bound:?}");
+    let bound = INTER * RISE + CHECK_TIMEOUT + Duration::from_millis(500);
+    ensure!(recovered <= bound, "UP again after {recovered:?}, bound {bound:?}");
+    eprintln!(
+        "{} messages, none refused or lost; DOWN detected in {detected:?}, UP in {recovered:?}",
+        sent.len()
+    );
+
+    let warnings = postfix.warnings();
+    ensure!(warnings.is_empty(), "Postfix logged:\n{}", warnings.join("\n"));
+    Ok(())
+}
+
+/// Over a run of well over 100 checks, Postfix (requiring PROXY v1 on one service, v2 on
+/// the other) logs clean EHLO … QUIT sessions from the balancer and no warning at all.
+#[test]
+fn checks_leave_postfix_logs_clean() -> Result<()> {
+    let postfix = PostfixInstance::start(&[
+        SmtpdService::with_proxy("mail1", free_addr()),
+        SmtpdService::with_proxy("mail2", free_addr()),
+    ])?;
+    let servers = [
+        ServerEntry {
+            name: "mail1",
+            addr: postfix.services()[0].addr,
+            send_proxy: "v1",
+        },
+        ServerEntry {
+            name: "mail2",
+            addr: postfix.services()[1].addr,
+            send_proxy: "v2",
+        },
+    ];
+    let _mxlb = start_mxlb(
+        "cleanlog",
+        &servers,
+        &check_keys(Duration::from_millis(20), CHECK_TIMEOUT),
+    )?;
+    let sessions = mxlb_tests::wait_until(
+        "120 finished check sessions",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let done = postfix.disconnects();
+            Ok((done.len() >= 120).then_some(done))
+        },
+    )?;
+    ensure!(sessions.iter().any(|(service, _)| service == "mail1"));
+    ensure!(sessions.iter().any(|(service, _)| service == "mail2"));
+    // v1 carries the check socket's own addresses, v2 is LOCAL: either way Postfix sees
+    // the balancer's loopback address.
+    ensure!(
+        sessions.iter().all(|(_, ip)| *ip == IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        "{sessions:?}"
+    );
+    let log = postfix.maillog();
+    let disconnects: Vec<&str> = log.lines().filter(|l| l.contains("disconnect from")).collect();
+    for line in &disconnects {
+        ensure!(
+            line.contains("ehlo=1 quit=1 commands=2"),
+            "not a clean EHLO … QUIT session: {line}"
+        );
+    }
+    let warnings = postfix.warnings();
+    ensure!(warnings.is_empty(), "Postfix logged:\n{}", warnings.join("\n"));
+    Ok(())
+}
+
+/// A scripted bad server: accepts connections and runs `script` on each.
+fn bad_server(script: impl Fn(TcpStream) + Send + Sync + 'static) -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let script = Arc::new(script);
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let script = script.clone();
+            thread::spawn(move || script(stream));
+        }
+    });
+    Ok(addr)
+}
+
+/// Each way a server can fail a check is classified like HAProxy does; with every server
+/// down, clients get `421 4.3.0` from mxlb itself.
+#[test]
+fn failed_checks_are_classified_and_clients_get_421() -> Result<()> {
+    let busy = bad_server(|mut stream| {
+        let _ = stream.write_all(b"421 4.3.2 Service shutting down\r\n");
+    })?;
+    let silent = bad_server(|stream| {
+        thread::sleep(Duration::from_secs(5));
+        drop(stream);
+    })?;
+    let refused = free_addr();
+    let hangs_up = bad_server(|mut stream| {
+        let _ = stream.write_all(b"220 ready\r\n");
+        let mut buffer = [0u8; 64];
+        let _ = stream.read(&mut buffer); // the EHLO, then close without a reply
+    })?;
+    let servers = [
+        ServerEntry {
+            name: "busy",
+            addr: busy,
+            send_proxy: "none",
+        },
+        ServerEntry {
+            name: "silent",
+            addr: silent,
+            send_proxy: "none",
+        },
+        ServerEntry {
+            name: "refused",
+            addr: refused,
+            send_proxy: "none",
+        },
+        ServerEntry {
+            name: "hangsup",
+            addr: hangs_up,
+            send_proxy: "none",
+        },
+    ];
+    let mxlb = start_mxlb(
+        "classify",
+        &servers,
+        &check_keys(INTER, Duration::from_millis(300)),
+    )?;
+    for (server, status) in [
+        ("busy", "L7STS/421"),
+        ("silent", "L7TOUT"),
+        ("refused", "L4CON"),
+        ("hangsup", "L7RSP"),
+    ] {
+        let lines = mxlb.wait_for_log_count(
+            &format!("server smtp/{server} is DOWN"),
+            1,
+            Duration::from_secs(10),
+        )?;
+        ensure!(
+            lines[0].contains(status),
+            "{server}: expected {status} in {:?}",
+            lines[0]
+        );
+    }
+
+    let mut client = TcpStream::connect(mxlb.listen)?;
+    client.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reply = String::new();
+    client.read_to_string(&mut reply).context("reading mxlb's reply")?;
+    ensure!(reply.starts_with("421 4.3.0 "), "{reply:?}");
+    Ok(())
+}
