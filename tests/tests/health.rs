@@ -3,8 +3,8 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -133,28 +133,46 @@ fn failover_loses_no_mail_and_the_server_comes_back() -> Result<()> {
     );
     // Nothing lost: every accepted message is delivered.
     let delivered = postfix.wait_for_messages(sent.len(), Duration::from_secs(30))?;
-    ensure!(delivered.len() == sent.len(), "{} sent, {} delivered", sent.len(), delivered.len());
+    ensure!(
+        delivered.len() == sent.len(),
+        "{} sent, {} delivered",
+        sent.len(),
+        delivered.len()
+    );
     // Mail flows to mail2 again once it is back up.
     let to_mail2_after = sent
         .iter()
         .filter(|s| s.at > up_again && s.banner.starts_with("220 mail2.test"))
         .count();
-    ensure!(to_mail2_after > 0, "no mail reached mail2 after it came back");
+    ensure!(
+        to_mail2_after > 0,
+        "no mail reached mail2 after it came back"
+    );
 
     // HAProxy's bound: fall checks at most `inter` apart, each bounded by `timeout` (a
     // refused connect fails at once, so detection is usually faster). The slack covers
     // scheduling and the reload that takes the service away.
     let bound = INTER * FALL + CHECK_TIMEOUT + Duration::from_millis(500);
-    ensure!(detected <= bound, "DOWN detected after {detected:?}, bound {bound:?}");
+    ensure!(
+        detected <= bound,
+        "DOWN detected after {detected:?}, bound {bound:?}"
+    );
     let bound = INTER * RISE + CHECK_TIMEOUT + Duration::from_millis(500);
-    ensure!(recovered <= bound, "UP again after {recovered:?}, bound {bound:?}");
+    ensure!(
+        recovered <= bound,
+        "UP again after {recovered:?}, bound {bound:?}"
+    );
     eprintln!(
         "{} messages, none refused or lost; DOWN detected in {detected:?}, UP in {recovered:?}",
         sent.len()
     );
 
     let warnings = postfix.warnings();
-    ensure!(warnings.is_empty(), "Postfix logged:\n{}", warnings.join("\n"));
+    ensure!(
+        warnings.is_empty(),
+        "Postfix logged:\n{}",
+        warnings.join("\n")
+    );
     Ok(())
 }
 
@@ -197,11 +215,16 @@ fn checks_leave_postfix_logs_clean() -> Result<()> {
     // v1 carries the check socket's own addresses, v2 is LOCAL: either way Postfix sees
     // the balancer's loopback address.
     ensure!(
-        sessions.iter().all(|(_, ip)| *ip == IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        sessions
+            .iter()
+            .all(|(_, ip)| *ip == IpAddr::V4(Ipv4Addr::LOCALHOST)),
         "{sessions:?}"
     );
     let log = postfix.maillog();
-    let disconnects: Vec<&str> = log.lines().filter(|l| l.contains("disconnect from")).collect();
+    let disconnects: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("disconnect from"))
+        .collect();
     for line in &disconnects {
         ensure!(
             line.contains("ehlo=1 quit=1 commands=2"),
@@ -209,7 +232,11 @@ fn checks_leave_postfix_logs_clean() -> Result<()> {
         );
     }
     let warnings = postfix.warnings();
-    ensure!(warnings.is_empty(), "Postfix logged:\n{}", warnings.join("\n"));
+    ensure!(
+        warnings.is_empty(),
+        "Postfix logged:\n{}",
+        warnings.join("\n")
+    );
     Ok(())
 }
 
@@ -292,7 +319,9 @@ fn failed_checks_are_classified_and_clients_get_421() -> Result<()> {
     let mut client = TcpStream::connect(mxlb.listen)?;
     client.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reply = String::new();
-    client.read_to_string(&mut reply).context("reading mxlb's reply")?;
+    client
+        .read_to_string(&mut reply)
+        .context("reading mxlb's reply")?;
     ensure!(reply.starts_with("421 4.3.0 "), "{reply:?}");
     Ok(())
 }
