@@ -24,3 +24,4 @@ pub mod proxy_header;
 pub mod relay;
 pub mod session;
 pub mod sockopt;
+pub mod stats;

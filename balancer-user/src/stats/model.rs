@@ -1,0 +1,108 @@
+//! What the stats endpoints show: a snapshot of every listener and server, built by the
+//! daemon on request, serialised as `/api/stats` and rendered as HTML and Prometheus text.
+//!
+//! Field names are the contract's (`../shared/design/interface.md`); `bytes_in` counts
+//! client-to-server bytes, `bytes_out` server-to-client, including what the kernel relayed.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the stats endpoints know, at one instant.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatsSnapshot {
+    /// mxlb's version.
+    pub version: String,
+    /// Seconds since the daemon started.
+    pub uptime_secs: f64,
+    /// `kernel` or `userspace`.
+    pub relay: String,
+    pub listeners: Vec<ListenerStats>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ListenerStats {
+    pub name: String,
+    pub bind: Vec<String>,
+    /// `roundrobin`, `leastconn`, `source` or `first`.
+    pub balance: String,
+    pub sessions_cur: u64,
+    pub sessions_max: u64,
+    pub sessions_total: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Clients answered `421 4.3.0` because no server could take them.
+    pub refused_no_server: u64,
+    pub servers: Vec<ServerStats>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ServerStats {
+    pub name: String,
+    pub addr: String,
+    /// `UP`, `DOWN`, `DRAIN` or `MAINT`: maintenance and drain override health.
+    pub status: String,
+    /// What the operator set: `ready`, `drain` or `maint`.
+    pub admin_state: String,
+    /// Whether health checks run for this server (`false`: always considered up).
+    pub checked: bool,
+    /// The last check as HAProxy shows it, e.g. `L7OK/250 in 1ms`; `None` before the first.
+    pub check_status: Option<String>,
+    /// The last check's detail, e.g. `250 mail1.example` or `Connection refused`.
+    pub check_detail: Option<String>,
+    pub weight: u32,
+    pub backup: bool,
+    pub sessions_cur: u64,
+    pub sessions_max: u64,
+    pub sessions_total: u64,
+    /// Client-to-server bytes, finished and live sessions.
+    pub bytes_in: u64,
+    /// Server-to-client bytes, finished and live sessions.
+    pub bytes_out: u64,
+    /// The part of `bytes_in` + `bytes_out` the kernel relay moved (counted by the eBPF
+    /// program, not estimated).
+    pub kernel_bytes: u64,
+    /// Failed connect attempts to this server.
+    pub connect_errors: u64,
+    /// Seconds since the last change of `status`.
+    pub last_change_secs: f64,
+    /// Total seconds spent DOWN since start.
+    pub downtime_secs: f64,
+}
+
+/// The operator's say over a server, set through the admin API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Takes clients when healthy.
+    Ready,
+    /// No new clients; established sessions continue; checks continue.
+    Drain,
+    /// No new clients and no checks.
+    Maint,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
+}
+
+/// Why an admin request could not be applied.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("no listener named {0:?}")]
+    UnknownListener(String),
+    #[error("listener {listener:?} has no server named {server:?}")]
+    UnknownServer { listener: String, server: String },
+}
+
+/// What the stats server needs from the daemon.
+pub trait StatsSource: Send + Sync + 'static {
+    /// The current numbers.
+    fn snapshot(&self) -> StatsSnapshot;
+    /// Applies an admin state change.
+    fn set_state(&self, listener: &str, server: &str, state: AdminState) -> Result<(), AdminError>;
+}
