@@ -133,6 +133,18 @@ pub enum Balance {
     First,
 }
 
+impl Balance {
+    /// The configuration spelling, as the stats show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "roundrobin",
+            Balance::LeastConn => "leastconn",
+            Balance::Source => "source",
+            Balance::First => "first",
+        }
+    }
+}
+
 /// `[listen.check]`: the health check of the listener's servers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Check {

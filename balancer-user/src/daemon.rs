@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{Balance, Config};
+use crate::config::Config;
 use crate::relay::Relay;
 use crate::session::Frontend;
+use crate::stats::{AdminError, AdminState, StatsSnapshot, StatsSource};
 
 /// Pause after an accept error (EMFILE and friends) so a full fd table does not spin a core.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -32,9 +33,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let sessions = TaskTracker::new();
 
     let mut acceptors = Vec::new();
+    let mut frontends = Vec::new();
     for listener in &config.listeners {
         let frontend = Arc::new(Frontend::new(listener.clone(), relay.clone()));
         frontend.pool.start_monitors(listener, &stop);
+        frontends.push(frontend.clone());
         for &addr in &listener.bind {
             let socket = bind(addr)
                 .with_context(|| format!("listener {}: binding {addr}", listener.name))?;
@@ -46,6 +49,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 stop.clone(),
             )));
         }
+    }
+
+    if let Some(stats) = &config.stats {
+        let source = Arc::new(DaemonStats {
+            started: Instant::now(),
+            relay: relay.clone(),
+            frontends,
+        });
+        let socket = tokio::net::TcpListener::bind(stats.bind)
+            .await
+            .with_context(|| format!("stats: binding {}", stats.bind))?;
+        info!(addr = %stats.bind, admin = stats.admin_token.is_some(), "stats listening");
+        let router = crate::stats::http::router(source, stats.admin_token.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if let Err(error) = crate::stats::http::serve(socket, router, stop).await {
+                error!(%error, "stats server failed");
+            }
+        });
     }
 
     wait_for_stop_signal().await?;
@@ -76,9 +98,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Keys the parser accepts (they are part of the contract) but the daemon does not act on
 /// yet: a warning each, or a refusal where ignoring the key would corrupt sessions.
 fn refuse_or_warn_unimplemented(config: &Config) -> anyhow::Result<()> {
-    if config.stats.is_some() {
-        warn!("[stats] is not served yet: no statistics page or admin API");
-    }
     for listener in &config.listeners {
         let name = &listener.name;
         anyhow::ensure!(
@@ -86,9 +105,6 @@ fn refuse_or_warn_unimplemented(config: &Config) -> anyhow::Result<()> {
             "listener {name}: accept_proxy is not supported yet; an upstream PROXY header \
              would reach the servers as SMTP input"
         );
-        if listener.balance != Balance::RoundRobin {
-            warn!(listener = %name, "balance {:?} is not implemented yet: using roundrobin", listener.balance);
-        }
     }
     Ok(())
 }
@@ -149,4 +165,35 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
     };
     info!("{name} received");
     Ok(())
+}
+
+/// The daemon's answer to the stats server: a fresh snapshot per request.
+struct DaemonStats {
+    started: Instant,
+    relay: Relay,
+    frontends: Vec<Arc<Frontend>>,
+}
+
+impl StatsSource for DaemonStats {
+    fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            relay: self.relay.name().to_owned(),
+            listeners: self
+                .frontends
+                .iter()
+                .map(|frontend| frontend.pool.stats(&self.relay))
+                .collect(),
+        }
+    }
+
+    fn set_state(&self, listener: &str, server: &str, state: AdminState) -> Result<(), AdminError> {
+        self.frontends
+            .iter()
+            .find(|frontend| frontend.config.name == listener)
+            .ok_or_else(|| AdminError::UnknownListener(listener.to_owned()))?
+            .pool
+            .set_admin_state(server, state)
+    }
 }

@@ -15,6 +15,7 @@
 
 pub mod balance;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod health;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mxlb::config::Config;
+use mxlb::stats::AdminState;
 
 /// mxlb: a load balancer for inbound SMTP that relays mail in the kernel.
 #[derive(Parser)]
@@ -29,6 +30,42 @@ enum Command {
         /// Configuration file.
         path: PathBuf,
     },
+    /// Print the stats table of a running daemon.
+    Status {
+        /// The daemon's stats URL (`[stats] bind`).
+        #[arg(long, default_value = mxlb::control::DEFAULT_STATS_URL)]
+        stats: String,
+    },
+    /// Administer servers of a running daemon.
+    #[command(subcommand)]
+    Server(ServerCommand),
+}
+
+#[derive(Subcommand)]
+enum ServerCommand {
+    /// Set a server to ready, drain (no new clients) or maint (no clients, no checks).
+    SetState {
+        /// LISTEN/SERVER, as named in the configuration.
+        target: String,
+        /// ready | drain | maint
+        #[arg(value_parser = parse_admin_state)]
+        state: AdminState,
+        /// The daemon's stats URL (`[stats] bind`).
+        #[arg(long, default_value = mxlb::control::DEFAULT_STATS_URL)]
+        stats: String,
+        /// The `[stats] admin_token`; defaults to the environment variable MXLB_ADMIN_TOKEN.
+        #[arg(long, env = "MXLB_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+}
+
+fn parse_admin_state(text: &str) -> Result<AdminState, String> {
+    match text {
+        "ready" => Ok(AdminState::Ready),
+        "drain" => Ok(AdminState::Drain),
+        "maint" => Ok(AdminState::Maint),
+        _ => Err(format!("{text:?} is not one of ready, drain, maint")),
+    }
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -71,6 +108,34 @@ fn main() -> ExitCode {
             Err(error) => {
                 eprintln!("{error}");
                 ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Status { stats } => match mxlb::control::fetch(&stats) {
+            Ok(snapshot) => {
+                print!("{}", mxlb::control::render_table(&snapshot));
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("mxlb: {error:#}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+        Command::Server(ServerCommand::SetState {
+            target,
+            state,
+            stats,
+            token,
+        }) => match mxlb::control::set_state(&stats, &target, state, &token) {
+            Ok(server) => {
+                println!(
+                    "{target}: {} (admin state {})",
+                    server.status, server.admin_state
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("mxlb: {error:#}");
+                ExitCode::from(EXIT_RUNTIME)
             }
         },
         Command::Demo => match mxlb::demo::config() {

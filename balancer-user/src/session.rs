@@ -14,7 +14,7 @@ use crate::balance::{self, Selector};
 use crate::config::{Listener, Server};
 use crate::pool::{Pool, ServerRuntime};
 use crate::proxy_header::{self, ProxyHeader};
-use crate::relay::{Relay, Termination, Transfer};
+use crate::relay::{Relay, Termination};
 
 /// The reply a client gets when no server can take it: SMTP senders queue and retry.
 const NO_SERVER_REPLY: &[u8] = b"421 4.3.0 mxlb: no mail server available, try again later\r\n";
@@ -44,7 +44,7 @@ impl Frontend {
         let untried = candidates
             .iter()
             .enumerate()
-            .any(|(index, c)| c.eligible && !tried.contains(&index));
+            .any(|(index, c)| c.eligible && c.weight > 0 && !tried.contains(&index));
         if untried {
             for &index in tried {
                 if let Some(candidate) = candidates.get_mut(index) {
@@ -58,12 +58,14 @@ impl Frontend {
     /// Serves one accepted client until its relay ends.
     pub async fn serve(self: Arc<Self>, client: TcpStream, client_addr: SocketAddr) {
         let started = Instant::now();
+        let _accepted = self.pool.accept();
         let _ = client.set_nodelay(true);
         let Some((server, mut upstream, connect_time)) = self.connect(client_addr).await else {
+            self.pool.count_refused();
             refuse(client, client_addr, &self.config.name).await;
             return;
         };
-        let _session = server.open_session();
+        let session = server.open_session();
         let server = &server.config;
         debug!(
             client = %client_addr,
@@ -72,17 +74,15 @@ impl Frontend {
             "connected to {} in {:?}", server.addr, connect_time
         );
         let outcome = match self.send_proxy_header(&client, &mut upstream, server).await {
-            Ok(()) => self.relay.relay(client, upstream).await,
+            Ok(()) => self.relay.relay(client, upstream, &session.live).await,
             Err(error) => Err(error),
         };
-        let transfer = outcome.unwrap_or_else(|error| {
+        let ended = outcome.unwrap_or_else(|error| {
             warn!(client = %client_addr, server = %server.name, %error, "relay failed");
-            Transfer {
-                bytes_in: 0,
-                bytes_out: 0,
-                ended: Termination::Internal,
-            }
+            Termination::Internal
         });
+        let transfer = session.live.transfer(&self.relay, ended);
+        session.finish(&transfer);
         info!(
             client = %client_addr,
             listener = %self.config.name,

@@ -83,6 +83,9 @@ impl HaproxyConfig {
             "\
 global
     log stdout format raw local0
+    # Without this HAProxy binds with SO_REUSEPORT, and two instances given the same port
+    # would silently share its connections instead of the second failing to start.
+    noreuseport
     stats socket {socket} mode 600 level admin
 
 defaults
@@ -174,12 +177,14 @@ impl Haproxy {
             if let Some(status) = self.child.try_wait()? {
                 bail!("haproxy exited ({status}) at startup:\n{}", self.log());
             }
-            if crate::is_listening(self.config.bind)? {
+            // HAProxy binds the frontend and creates the runtime socket at separate points
+            // of its startup; both must be there for the fixture to be usable.
+            if crate::is_listening(self.config.bind)? && self.root.join("admin.sock").exists() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "haproxy does not listen on {} after 10s:\n{}",
+                    "haproxy is not ready (listening on {} with its runtime socket) after 10s:\n{}",
                     self.config.bind,
                     self.log()
                 );
@@ -260,11 +265,20 @@ impl Haproxy {
             timeout,
             Duration::from_millis(50),
             || {
-                let states = self.server_states()?;
-                Ok(states.iter().all(|(_, s)| s == "UP").then_some(()))
+                // A failing runtime command is retried too: the answer is what matters.
+                let up = self
+                    .server_states()
+                    .is_ok_and(|states| states.iter().all(|(_, s)| s == "UP"));
+                Ok(up.then_some(()))
             },
         )
-        .with_context(|| format!("haproxy log:\n{}", self.log()))
+        .with_context(|| {
+            format!(
+                "server states: {:?}; haproxy log:\n{}",
+                self.server_states(),
+                self.log()
+            )
+        })
     }
 }
 

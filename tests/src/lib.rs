@@ -12,10 +12,11 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
@@ -31,21 +32,70 @@ pub mod swaks;
 /// Environment variable that keeps fixture directories instead of deleting them.
 pub const KEEP_DIRS_ENV: &str = "MXLB_KEEP_TEST_DIRS";
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 for a fixture to listen on, reserved for the rest of this
+/// process's life.
 ///
-/// The port is released before returning so that the fixture (Postfix, HAProxy, mxlb) can
-/// bind it itself; another process could grab it in between, but the kernel hands out
-/// ports for `bind(0)` randomly, so collisions between parallel tests are very unlikely.
+/// Not simply "bind port 0 and release it": the kernel hands the released port to the next
+/// `bind(0)` of any process, so two parallel test binaries got the same port, and HAProxy
+/// (which sets SO_REUSEPORT) happily shared it, mixing up their sessions. Instead ports
+/// come from below the kernel's ephemeral range (so outgoing connections never occupy
+/// them), are reserved across processes by a `flock` on `$TMPDIR/mxlb-test-ports/<port>`
+/// held until the process exits, and must have no listener right now.
 ///
 /// # Panics
-/// If no port can be bound at all, which means the test host is broken.
+/// If no port can be reserved, which means the test host is broken.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .expect("cannot bind 127.0.0.1:0 to find a free port");
-    listener
-        .local_addr()
-        .expect("bound socket has no local address")
-        .port()
+    reserve_port().expect("cannot reserve a free TCP port on 127.0.0.1")
+}
+
+fn reserve_port() -> Result<u16> {
+    static RESERVATIONS: Mutex<Vec<File>> = Mutex::new(Vec::new());
+    const LOWEST: u16 = 10_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    // With an unusually low ephemeral range, share it with outgoing connections: the locks
+    // and the listener check still keep fixtures apart.
+    let end = if ephemeral_start >= LOWEST + 1_000 {
+        ephemeral_start
+    } else {
+        u16::MAX
+    };
+    let candidates = end - LOWEST;
+    let dir = std::env::temp_dir().join("mxlb-test-ports");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+
+    // Random candidates, so parallel processes rarely contend for the same locks.
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut state = u64::from(nanos) ^ (u64::from(std::process::id()) << 32) | 1;
+    for _ in 0..1000 {
+        // xorshift64: plenty for spreading candidates.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let port = LOWEST + (state % u64::from(candidates)) as u16;
+        let lock_path = dir.join(port.to_string());
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        // Taken by another thread or process of ours (locks are per open file, so this
+        // covers both), or in use by anything else: try the next one.
+        if lock.try_lock().is_err() || port_in_use(port)? {
+            continue;
+        }
+        RESERVATIONS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(lock);
+        return Ok(port);
+    }
+    bail!("no free port found in 1000 attempts")
 }
 
 /// `127.0.0.1:<free port>`, see [`free_port`].
@@ -67,22 +117,45 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// balancer in front of one) is a real SMTP session: it would show up in Postfix's log as a
 /// connect plus "lost connection" and spoil the assertions tests make about that log.
 pub fn is_listening(addr: SocketAddr) -> Result<bool> {
-    let table = if addr.is_ipv4() {
-        "/proc/net/tcp"
-    } else {
-        "/proc/net/tcp6"
-    };
-    let text = std::fs::read_to_string(table).with_context(|| format!("reading {table}"))?;
-    // Lines look like "0: 0100007F:4E21 00000000:0000 0A ...": local address, remote, state.
-    Ok(text.lines().skip(1).any(|line| {
-        let mut fields = line.split_whitespace().skip(1);
-        let (Some(local), Some(_remote), Some(state)) =
-            (fields.next(), fields.next(), fields.next())
-        else {
-            return false;
+    Ok(tcp_sockets()?
+        .iter()
+        .any(|&(local, state)| state == TCP_LISTEN && local == addr))
+}
+
+/// Whether any TCP socket, on any address, listens on `port` (such a socket makes binding
+/// the port on 127.0.0.1 fail).
+///
+/// Looked up rather than tried with a bind: a test socket, even closed at once, lives on in
+/// any child another test thread forks at that moment until that child execs, and makes
+/// the real server's bind fail.
+pub fn port_in_use(port: u16) -> Result<bool> {
+    Ok(tcp_sockets()?
+        .iter()
+        .any(|&(local, state)| state == TCP_LISTEN && local.port() == port))
+}
+
+/// `TCP_LISTEN` as printed in `/proc/net/tcp`.
+const TCP_LISTEN: u8 = 0x0A;
+
+/// (local address, state) of every TCP socket in this network namespace.
+fn tcp_sockets() -> Result<Vec<(SocketAddr, u8)>> {
+    let mut sockets = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = match std::fs::read_to_string(table) {
+            Ok(text) => text,
+            // No IPv6 in this kernel or namespace.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err).with_context(|| format!("reading {table}")),
         };
-        state == "0A" && parse_proc_net_addr(local) == Some(addr)
-    }))
+        // Lines look like "0: 0100007F:4E21 00000000:0000 0A ...": local, remote, state.
+        sockets.extend(text.lines().skip(1).filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let local = parse_proc_net_addr(fields.next()?)?;
+            let state = u8::from_str_radix(fields.nth(1)?, 16).ok()?;
+            Some((local, state))
+        }));
+    }
+    Ok(sockets)
 }
 
 /// Parses "0100007F:4E21": the address is the in-memory (network order) bytes printed as
@@ -101,6 +174,15 @@ fn parse_proc_net_addr(text: &str) -> Option<SocketAddr> {
         _ => return None,
     };
     Some(SocketAddr::new(ip, port))
+}
+
+/// `ss` output for every TCP socket using local port `port`, for error messages.
+pub fn sockets_on_port(port: u16) -> String {
+    run_command(
+        Command::new("ss").args(["-tanpe", "sport", "=", &format!(":{port}")]),
+        Duration::from_secs(5),
+    )
+    .map_or_else(|err| format!("(ss failed: {err:#})"), |out| out.output)
 }
 
 /// Waits until every address in `addrs` has a listening socket.
@@ -210,6 +292,8 @@ pub(crate) fn release_test_dir(dir: TempDir, what: &str) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
+
     use super::*;
 
     #[test]
@@ -225,11 +309,20 @@ mod tests {
     }
 
     #[test]
+    fn reserves_distinct_unused_ports() {
+        let ports: std::collections::HashSet<u16> = (0..20).map(|_| free_port()).collect();
+        assert_eq!(ports.len(), 20);
+        assert!(ports.iter().all(|&p| !port_in_use(p).unwrap()));
+    }
+
+    #[test]
     fn sees_a_listener() {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         assert!(is_listening(addr).unwrap());
+        assert!(port_in_use(addr.port()).unwrap());
         drop(listener);
         assert!(!is_listening(addr).unwrap());
+        assert!(!port_in_use(addr.port()).unwrap());
     }
 }

@@ -71,6 +71,15 @@ pub fn config_with_listener_keys(
     text
 }
 
+/// Adds a `[stats]` section (with an admin token, if given) to a configuration.
+pub fn with_stats(config: &str, bind: SocketAddr, admin_token: Option<&str>) -> String {
+    let mut stats = format!("[stats]\nbind = \"{bind}\"\n");
+    if let Some(token) = admin_token {
+        stats.push_str(&format!("admin_token = \"{token}\"\n"));
+    }
+    config.replacen("[[listen]]", &format!("{stats}\n[[listen]]"), 1)
+}
+
 /// The `mxlb` binary under test: `MXLB_BIN` (set by `cargo xtask test`), else the debug build.
 pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("MXLB_BIN") {
@@ -338,5 +347,75 @@ impl MapEntry {
             .get(start..start + 8)
             .and_then(|b| b.try_into().ok())
             .map_or(0, u64::from_le_bytes)
+    }
+}
+
+/// The stats/admin HTTP API of a running daemon, read the way an operator's tools would.
+pub mod http {
+    use std::time::Duration;
+
+    use anyhow::{Context, bail};
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into()
+    }
+
+    /// `GET url`: status and body.
+    pub fn get(url: &str) -> anyhow::Result<(u16, String)> {
+        let mut response = agent()
+            .get(url)
+            .call()
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status().as_u16();
+        Ok((status, response.body_mut().read_to_string()?))
+    }
+
+    /// `GET url` that must answer 200 with JSON.
+    pub fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = get(url)?;
+        if status != 200 {
+            bail!("GET {url}: {status} {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// `POST url` with a JSON body and an optional bearer token: status and body.
+    pub fn post_json(
+        url: &str,
+        token: Option<&str>,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, String)> {
+        let mut request = agent().post(url);
+        if let Some(token) = token {
+            request = request.header("Authorization", &format!("Bearer {token}"));
+        }
+        let mut response = request
+            .send_json(body)
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status().as_u16();
+        Ok((status, response.body_mut().read_to_string()?))
+    }
+
+    /// The server called `name` of listener `listener` in an `/api/stats` answer.
+    pub fn server<'a>(
+        stats: &'a serde_json::Value,
+        listener: &str,
+        name: &str,
+    ) -> anyhow::Result<&'a serde_json::Value> {
+        stats["listeners"]
+            .as_array()
+            .context("no listeners")?
+            .iter()
+            .find(|l| l["name"] == listener)
+            .with_context(|| format!("no listener {listener}"))?["servers"]
+            .as_array()
+            .context("no servers")?
+            .iter()
+            .find(|s| s["name"] == name)
+            .with_context(|| format!("no server {listener}/{name}"))
     }
 }

@@ -8,7 +8,7 @@
 //! What it takes to run several instances side by side from arbitrary directories, as root:
 //! - `postfix -c <dir>` accepts any config directory when run by root; only non-root users
 //!   (and the set-gid `postdrop`/`postqueue`, which we never use) need it listed in
-//!   `alternate_config_directories` of `/etc/postfix/main.cf` (which does not even exist here).
+//!   `alternate_config_directories` of the default `/etc/postfix/main.cf`.
 //! - Everything that is per-instance on disk is moved into the temporary directory:
 //!   `queue_directory` (sockets, pid file, queue), `data_directory` (master.lock),
 //!   `maillog_file`, and the Maildir. `postfix start` runs `post-install create-missing`,
@@ -19,17 +19,20 @@
 //!   directory would lack /etc files, so every service is switched to `chroot = n`.
 //! - Without a main.cf, the default `alias_maps = hash:/etc/aliases, nis:mail.aliases`
 //!   makes smtpd log an error and a NIS warning on every session; it is emptied.
+//! - Postfix programs pause until main.cf is a second or two old (see `write_backdated`);
+//!   the generated files are backdated, or every instance would take 2-3 s to start.
 //! - The master puts all its children in its own process group, which makes stopping
 //!   reliable: after `postfix stop` we wait for that group to disappear, then SIGKILL the
 //!   leftovers (only Postfix daemons of this group).
 
 use std::collections::HashSet;
 use std::fmt;
+use std::fs::FileTimes;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
@@ -108,6 +111,18 @@ impl PostfixInstance {
     /// [`crate::free_port`]); everything else is private to the instance.
     pub fn start(services: &[SmtpdService]) -> Result<Self> {
         validate(services)?;
+        // Postfix's master reports a failed bind only to a log that does not exist yet
+        // (postlogd is not running), so `postfix start` would just say "startup failed".
+        for service in services {
+            if crate::port_in_use(service.addr.port())? {
+                bail!(
+                    "service {} cannot listen on {}: port in use:\n{}",
+                    service.name,
+                    service.addr,
+                    crate::sockets_on_port(service.addr.port())
+                );
+            }
+        }
         let started = Instant::now();
         let dir = create_test_dir("mxlb-postfix-")?;
         let root = dir.path().to_path_buf();
@@ -312,10 +327,11 @@ impl PostfixInstance {
             .filter(|s| !self.disabled.contains(&s.name))
             .cloned()
             .collect();
-        let template = std::fs::read_to_string(DEBIAN_MASTER_CF)?;
-        std::fs::write(
-            self.config_dir().join("master.cf"),
-            master_cf(&template, &enabled),
+        let template = std::fs::read_to_string(DEBIAN_MASTER_CF)
+            .with_context(|| format!("reading {DEBIAN_MASTER_CF}"))?;
+        write_backdated(
+            &self.config_dir().join("master.cf"),
+            &master_cf(&template, &enabled),
         )?;
         let out = run_command(
             Command::new("postfix")
@@ -336,6 +352,11 @@ impl PostfixInstance {
         let Some(master) = self.master_pid() else {
             return Ok(());
         };
+        if instance_processes(master).is_empty() {
+            // Never started (startup failed) or already gone: only a stale pid file.
+            let _ = std::fs::remove_file(self.root.join("queue/pid/master.pid"));
+            return Ok(());
+        }
         let stop = run_command(
             Command::new("postfix")
                 .arg("-c")
@@ -396,8 +417,9 @@ impl PostfixInstance {
         let master_template = std::fs::read_to_string(DEBIAN_MASTER_CF)
             .with_context(|| format!("reading {DEBIAN_MASTER_CF} (is postfix installed?)"))?;
         let master_cf = master_cf(&master_template, &self.services);
-        std::fs::write(self.config_dir().join("main.cf"), main_cf)?;
-        std::fs::write(self.config_dir().join("master.cf"), master_cf)?;
+        for (name, text) in [("main.cf", main_cf), ("master.cf", master_cf)] {
+            write_backdated(&self.config_dir().join(name), &text)?;
+        }
         Ok(())
     }
 }
@@ -414,6 +436,22 @@ impl Drop for PostfixInstance {
             release_test_dir(dir, "Postfix instance");
         }
     }
+}
+
+/// Writes `path` with a modification time a minute in the past.
+///
+/// Postfix treats a file modified within the last second or two as "hot" (maybe still being
+/// written): `dict_load_file()` re-reads it after 300 ms pauses until it "cools down".
+/// Every Postfix program that reads main.cf does this, and `postfix start` runs many of
+/// them, which turned a 0.2 s start into 2-3 s.
+fn write_backdated(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    let past = SystemTime::now() - Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|file| file.set_times(FileTimes::new().set_accessed(past).set_modified(past)))
+        .with_context(|| format!("backdating {}", path.display()))
 }
 
 fn validate(services: &[SmtpdService]) -> Result<()> {

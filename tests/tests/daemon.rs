@@ -202,3 +202,62 @@ fn demo_alternates_backends_and_shows_client_addresses() -> Result<()> {
     ensure!(status.success(), "demo exited with {status}");
     Ok(())
 }
+
+/// `log_format = "json"`: one JSON object per line, the connection line with every field
+/// an operator filters on.
+#[test]
+fn json_logs_carry_the_connection_fields() -> Result<()> {
+    let backend = TcpListener::bind("127.0.0.1:0")?;
+    let backend_addr = backend.local_addr()?;
+    std::thread::spawn(move || {
+        for stream in backend.incoming().flatten() {
+            let mut stream = stream;
+            let _ = mxlb_tests::backend::read_proxy_header(&mut stream);
+            let _ = std::io::Write::write_all(&mut stream, b"220 json\r\n");
+        }
+    });
+    let listen = free_addr();
+    let pins = pin_path("json");
+    let text = config(
+        RelayKind::Kernel,
+        &pins,
+        listen,
+        &[ServerEntry {
+            name: "mail1",
+            addr: backend_addr,
+            send_proxy: "v1",
+        }],
+    )
+    .replace("[global]\n", "[global]\nlog_format = \"json\"\n");
+    let mxlb = Mxlb::start(&text, listen, &pins)?;
+    let mut client = std::net::TcpStream::connect(listen)?;
+    let mut banner = Vec::new();
+    std::io::Read::read_to_end(&mut client, &mut banner)?;
+    ensure!(banner == b"220 json\r\n");
+    let line = mxlb.wait_for_log_count("connection finished", 1, Duration::from_secs(10))?;
+    let entry: serde_json::Value = serde_json::from_str(&line[0])?;
+    let fields = &entry["fields"];
+    ensure!(entry["level"] == "INFO", "{entry}");
+    ensure!(
+        fields["client"] == client.local_addr()?.to_string(),
+        "{entry}"
+    );
+    ensure!(
+        fields["listener"] == "smtp" && fields["server"] == "mail1",
+        "{entry}"
+    );
+    ensure!(
+        fields["bytes_in"] == 0 && fields["bytes_out"] == 10,
+        "{entry}"
+    );
+    ensure!(fields["ended"] == "closed", "{entry}");
+    ensure!(
+        fields["connect_ms"].is_number() && fields["duration_ms"].is_number(),
+        "{entry}"
+    );
+    for line in mxlb.log().lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .with_context(|| format!("not JSON: {line}"))?;
+    }
+    Ok(())
+}

@@ -47,6 +47,22 @@ fn round_robin_through_haproxy(smtpchk: bool) -> Result<()> {
     let haproxy = Haproxy::start(config)?;
     if smtpchk {
         haproxy.wait_servers_up(Duration::from_secs(10))?;
+        // Servers start out UP; wait until a check has really reached each backend.
+        wait_until(
+            "a finished health check on each backend",
+            Duration::from_secs(10),
+            Duration::from_millis(25),
+            || {
+                let checked: BTreeSet<String> = postfix
+                    .disconnects()
+                    .into_iter()
+                    .filter(|(_, ip)| *ip == BALANCER_IP)
+                    .map(|(service, _)| service)
+                    .collect();
+                Ok((checked.len() == 2).then_some(()))
+            },
+        )
+        .with_context(|| postfix.maillog())?;
     }
 
     // Message i comes from 127.0.0.(11 + i) and says so in its subject.

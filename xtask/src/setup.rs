@@ -26,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "postfix",
     "swaks",
     "haproxy",
+    // The stats page test loads the page in headless Chromium.
+    "chromium",
     // Inspecting pinned maps and programs.
     "bpftool",
 ];

@@ -32,7 +32,7 @@ use tracing::debug;
 
 use super::sockmap::KernelRelay;
 use super::watch::Wants;
-use super::{Termination, Transfer};
+use super::{LiveTraffic, Termination};
 use crate::sockopt;
 
 /// Most bytes read from a socket's held queue in one go.
@@ -102,7 +102,8 @@ impl KernelRelay {
         &self,
         client: tokio::net::TcpStream,
         server: tokio::net::TcpStream,
-    ) -> io::Result<Transfer> {
+        live: &LiveTraffic,
+    ) -> io::Result<Termination> {
         let (client_cookie, server_cookie) = (sockopt::cookie(&client)?, sockopt::cookie(&server)?);
         // Measured before pairing: from the insert on, the kernel may send into them.
         let client_sent = sockopt::bytes_taken_for_sending(&client)?;
@@ -116,7 +117,7 @@ impl KernelRelay {
             // definition; relay it in user space.
             self.forget(&[client_cookie, server_cookie]);
             debug!("kernel relay refused the pair ({error:#}); relaying in user space");
-            return Ok(super::userspace::relay(client, server).await);
+            return Ok(super::userspace::relay(client, server, live).await);
         }
         let mut client = self.side(client, Role::Client, client_cookie, client_sent)?;
         let mut server = match self.side(server, Role::Server, server_cookie, server_sent) {
@@ -127,8 +128,10 @@ impl KernelRelay {
                 return Err(error);
             }
         };
-        let ended = self.run(&mut client, &mut server).await;
-        Ok(self.unpair(client, server, ended))
+        live.set_paired(client_cookie, server_cookie);
+        let ended = self.run(&mut client, &mut server, live).await;
+        self.unpair(client, server, live);
+        Ok(ended)
     }
 
     /// Pairs the two sockets in the sockhash. The `Traffic` entries go in first, so the
@@ -207,13 +210,13 @@ impl KernelRelay {
         })
     }
 
-    async fn run(&self, client: &mut Side, server: &mut Side) -> Termination {
+    async fn run(&self, client: &mut Side, server: &mut Side, live: &LiveTraffic) -> Termination {
         loop {
             // Make all the progress possible without waiting, then sleep until an event.
-            if let Err(Abort(termination)) = self.step(client, server).await {
+            if let Err(Abort(termination)) = self.step(client, server, live).await {
                 return termination;
             }
-            if let Err(Abort(termination)) = self.step(server, client).await {
+            if let Err(Abort(termination)) = self.step(server, client, live).await {
                 return termination;
             }
             if client.state == Direction::Done && server.state == Direction::Done {
@@ -235,9 +238,9 @@ impl KernelRelay {
     }
 
     /// Advances the direction from `from` to `to` as far as it goes without waiting.
-    async fn step(&self, from: &mut Side, to: &mut Side) -> Result<(), Abort> {
+    async fn step(&self, from: &mut Side, to: &mut Side, live: &LiveTraffic) -> Result<(), Abort> {
         match from.state {
-            Direction::Open => self.forward_held(from, to).await?,
+            Direction::Open => self.forward_held(from, to, live).await?,
             Direction::Draining { next_check, .. } if next_check <= Instant::now() => {
                 self.check_drained(from, to);
             }
@@ -247,7 +250,12 @@ impl KernelRelay {
     }
 
     /// Reads what the verdict held on `from` and writes it to `to`; notices EOF.
-    async fn forward_held(&self, from: &mut Side, to: &mut Side) -> Result<(), Abort> {
+    async fn forward_held(
+        &self,
+        from: &mut Side,
+        to: &mut Side,
+        live: &LiveTraffic,
+    ) -> Result<(), Abort> {
         let mut buffer = Vec::new();
         loop {
             if buffer.is_empty() {
@@ -268,6 +276,10 @@ impl KernelRelay {
                 Ok(n) => {
                     self.write_to_peer(to, &buffer[..n]).await?;
                     from.forwarded += n as u64;
+                    match from.role {
+                        Role::Client => live.add_daemon_in(n as u64),
+                        Role::Server => live.add_daemon_out(n as u64),
+                    }
                     let published = Handover {
                         forwarded: from.forwarded,
                     };
@@ -375,14 +387,18 @@ impl KernelRelay {
         traffic.get(&cookie, 0).unwrap_or_default()
     }
 
-    fn unpair(&self, mut client: Side, mut server: Side, ended: Termination) -> Transfer {
-        client.redirected = self.traffic(client.cookie).redirected;
-        server.redirected = self.traffic(server.cookie).redirected;
-        let transfer = Transfer {
-            bytes_in: client.relayed(),
-            bytes_out: server.relayed(),
-            ended,
-        };
+    /// The bytes the verdict redirected from the socket with this cookie.
+    pub(super) fn redirected(&self, cookie: u64) -> u64 {
+        self.traffic(cookie).redirected
+    }
+
+    /// Closes both sockets and deletes their map entries, after saving the kernel's final
+    /// counts in `live`.
+    fn unpair(&self, client: Side, server: Side, live: &LiveTraffic) {
+        live.set_unpaired(
+            self.redirected(client.cookie),
+            self.redirected(server.cookie),
+        );
         if client.forwarded + server.forwarded > 0 {
             debug!(
                 held_in = client.forwarded,
@@ -398,7 +414,6 @@ impl KernelRelay {
         drop(client);
         drop(server);
         self.forget(&cookies);
-        transfer
     }
 }
 

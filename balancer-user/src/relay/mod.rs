@@ -12,6 +12,7 @@ mod watch;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpStream;
 use tracing::{info, warn};
@@ -51,7 +52,86 @@ pub struct Transfer {
     pub bytes_in: u64,
     /// Server-to-client bytes.
     pub bytes_out: u64,
+    /// The part of both directions the kernel moved (counted by the eBPF program).
+    pub kernel: u64,
     pub ended: Termination,
+}
+
+impl Transfer {
+    /// A connection that ended before anything was relayed.
+    pub fn nothing(ended: Termination) -> Transfer {
+        Transfer {
+            bytes_in: 0,
+            bytes_out: 0,
+            kernel: 0,
+            ended,
+        }
+    }
+}
+
+/// The bytes of one connection so far, readable by the stats while it is relayed.
+///
+/// Bytes the daemon moves itself are counted here as they go; bytes the kernel moves are
+/// counted by the verdict in `mxlb_traffic`, read through the cookies while the sockets are
+/// paired, and copied here when they are unpaired (before the map entries go), so a
+/// reader never sees a connection's kernel bytes vanish.
+#[derive(Debug, Default)]
+pub struct LiveTraffic {
+    daemon_in: AtomicU64,
+    daemon_out: AtomicU64,
+    kernel_in: AtomicU64,
+    kernel_out: AtomicU64,
+    /// Cookies of the client and server sockets while paired in the kernel; 0 otherwise.
+    client_cookie: AtomicU64,
+    server_cookie: AtomicU64,
+}
+
+impl LiveTraffic {
+    pub(crate) fn add_daemon_in(&self, bytes: u64) {
+        self.daemon_in.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_daemon_out(&self, bytes: u64) {
+        self.daemon_out.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn paired(&self) -> Option<(u64, u64)> {
+        let client = self.client_cookie.load(Ordering::Acquire);
+        let server = self.server_cookie.load(Ordering::Acquire);
+        (client != 0 && server != 0).then_some((client, server))
+    }
+
+    pub(crate) fn set_paired(&self, client: u64, server: u64) {
+        self.client_cookie.store(client, Ordering::Release);
+        self.server_cookie.store(server, Ordering::Release);
+    }
+
+    /// Records the kernel's final counts, then forgets the cookies.
+    pub(crate) fn set_unpaired(&self, kernel_in: u64, kernel_out: u64) {
+        self.kernel_in.store(kernel_in, Ordering::Relaxed);
+        self.kernel_out.store(kernel_out, Ordering::Relaxed);
+        self.client_cookie.store(0, Ordering::Release);
+        self.server_cookie.store(0, Ordering::Release);
+    }
+
+    /// The transfer so far (or in total, once the relay returned).
+    pub fn transfer(&self, relay: &Relay, ended: Termination) -> Transfer {
+        let (kernel_in, kernel_out) = match (relay, self.paired()) {
+            (Relay::Kernel(kernel), Some((client, server))) => {
+                (kernel.redirected(client), kernel.redirected(server))
+            }
+            _ => (
+                self.kernel_in.load(Ordering::Relaxed),
+                self.kernel_out.load(Ordering::Relaxed),
+            ),
+        };
+        Transfer {
+            bytes_in: self.daemon_in.load(Ordering::Relaxed) + kernel_in,
+            bytes_out: self.daemon_out.load(Ordering::Relaxed) + kernel_out,
+            kernel: kernel_in + kernel_out,
+            ended,
+        }
+    }
 }
 
 /// The relay chosen at start-up.
@@ -94,11 +174,17 @@ impl Relay {
         }
     }
 
-    /// Relays until both directions are done or one side fails; closes both sockets.
-    pub async fn relay(&self, client: TcpStream, server: TcpStream) -> std::io::Result<Transfer> {
+    /// Relays until both directions are done or one side fails, counting into `live`;
+    /// closes both sockets.
+    pub async fn relay(
+        &self,
+        client: TcpStream,
+        server: TcpStream,
+        live: &LiveTraffic,
+    ) -> std::io::Result<Termination> {
         match self {
-            Relay::Kernel(kernel) => kernel.relay(client, server).await,
-            Relay::UserSpace => Ok(userspace::relay(client, server).await),
+            Relay::Kernel(kernel) => kernel.relay(client, server, live).await,
+            Relay::UserSpace => Ok(userspace::relay(client, server, live).await),
         }
     }
 }

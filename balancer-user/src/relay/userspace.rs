@@ -6,7 +6,7 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{Termination, Transfer};
+use super::{LiveTraffic, Termination};
 
 const BUFFER: usize = 16 * 1024;
 
@@ -16,15 +16,17 @@ enum Failed {
     Writer,
 }
 
-/// Relays until both directions reach EOF or one side fails.
-pub async fn relay(mut client: TcpStream, mut server: TcpStream) -> Transfer {
+/// Relays until both directions reach EOF or one side fails, counting into `live`.
+pub async fn relay(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    live: &LiveTraffic,
+) -> Termination {
     let (client_read, client_write) = client.split();
     let (server_read, server_write) = server.split();
-    let (mut bytes_in, mut bytes_out) = (0, 0);
-    // A block, so the copies (which borrow the counters) are gone before the counts are read.
-    let ended = {
-        let upstream = copy_then_shutdown(client_read, server_write, &mut bytes_in);
-        let downstream = copy_then_shutdown(server_read, client_write, &mut bytes_out);
+    {
+        let upstream = copy_then_shutdown(client_read, server_write, |n| live.add_daemon_in(n));
+        let downstream = copy_then_shutdown(server_read, client_write, |n| live.add_daemon_out(n));
         tokio::pin!(upstream, downstream);
         let (mut upstream_done, mut downstream_done) = (false, false);
         loop {
@@ -44,19 +46,14 @@ pub async fn relay(mut client: TcpStream, mut server: TcpStream) -> Transfer {
                 },
             }
         }
-    };
-    Transfer {
-        bytes_in,
-        bytes_out,
-        ended,
     }
 }
 
-/// Copies until EOF, then shuts down the writer, counting bytes written into `total`.
+/// Copies until EOF, then shuts down the writer, reporting bytes written to `count`.
 async fn copy_then_shutdown(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
-    total: &mut u64,
+    count: impl Fn(u64),
 ) -> Result<(), Failed> {
     let mut buffer = vec![0; BUFFER];
     loop {
@@ -68,6 +65,6 @@ async fn copy_then_shutdown(
         to.write_all(&buffer[..n])
             .await
             .map_err(|_| Failed::Writer)?;
-        *total += n as u64;
+        count(n as u64);
     }
 }

@@ -1,0 +1,199 @@
+//! A listener's servers at run time: health, open sessions, the operator's admin state, and
+//! which of them may take the next client.
+//!
+//! Health has one owner per server, a `HealthState` behind a mutex, fed by two sources: the
+//! server's scheduled checks ([`monitor`]) and failed connects of real clients, which count
+//! as failed checks at once (like HAProxy's `observe layer4`) so a dead server stops getting
+//! clients before its next check is due.
+
+mod monitor;
+mod server;
+
+pub use server::{ServerRuntime, SessionGuard, Status};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::balance::Candidate;
+use crate::config::{Balance, Listener};
+use crate::health::{CheckResult, CheckSpec, Transition};
+use crate::relay::Relay;
+use crate::stats::{AdminError, AdminState, ListenerStats};
+
+/// The servers of one listener, and the listener's own counters.
+pub struct Pool {
+    pub listener: String,
+    pub servers: Vec<Arc<ServerRuntime>>,
+    bind: Vec<String>,
+    balance: Balance,
+    sessions_cur: AtomicU64,
+    sessions_max: AtomicU64,
+    sessions_total: AtomicU64,
+    refused_no_server: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(listener: &Listener) -> Pool {
+        let servers = listener
+            .servers
+            .iter()
+            .map(|server| {
+                Arc::new(ServerRuntime::new(
+                    server.clone(),
+                    CheckSpec::from_config(&listener.check, server),
+                    listener.check.rise,
+                    listener.check.fall,
+                ))
+            })
+            .collect();
+        Pool {
+            listener: listener.name.clone(),
+            servers,
+            bind: listener.bind.iter().map(ToString::to_string).collect(),
+            balance: listener.balance,
+            sessions_cur: AtomicU64::new(0),
+            sessions_max: AtomicU64::new(0),
+            sessions_total: AtomicU64::new(0),
+            refused_no_server: AtomicU64::new(0),
+        }
+    }
+
+    /// What the selector needs to know about each server, in configuration order.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        self.servers.iter().map(|s| s.candidate()).collect()
+    }
+
+    /// Counts an accepted client until the returned guard drops.
+    pub fn accept(self: &Arc<Self>) -> AcceptGuard {
+        let open = self.sessions_cur.fetch_add(1, Ordering::Relaxed) + 1;
+        self.sessions_max.fetch_max(open, Ordering::Relaxed);
+        self.sessions_total.fetch_add(1, Ordering::Relaxed);
+        AcceptGuard { pool: self.clone() }
+    }
+
+    /// A client was answered 421 because no server could take it.
+    pub fn count_refused(&self) {
+        self.refused_no_server.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a health check result; logs results that move the server towards a state
+    /// change, and the change itself.
+    pub fn record_check(&self, server: &ServerRuntime, result: CheckResult) {
+        let transition = server.record_health(result.passed());
+        let why = result.describe();
+        server.set_last_check(result);
+        self.log_health(server, transition, &why);
+    }
+
+    /// A real client could not connect: counts as a failed check at once.
+    pub fn record_connect_failure(&self, server: &ServerRuntime, error: &std::io::Error) {
+        server.count_connect_error();
+        if server.check.is_none() {
+            return;
+        }
+        let transition = server.record_health(false);
+        self.log_health(
+            server,
+            transition,
+            &format!("client connect failed: {error}"),
+        );
+    }
+
+    fn log_health(&self, server: &ServerRuntime, transition: Option<Transition>, why: &str) {
+        let name = format!("{}/{}", self.listener, server.config.name);
+        let (active, backup) = self.servers_up();
+        match transition {
+            Some(Transition::Up) => info!(
+                server = %name,
+                "server {name} is UP ({why}); {active} active and {backup} backup servers online"
+            ),
+            Some(Transition::Down) => warn!(
+                server = %name,
+                "server {name} is DOWN ({why}); {active} active and {backup} backup servers left"
+            ),
+            None => {
+                if let Some((count, needed)) = server.health_change_pending() {
+                    let (outcome, towards) = if server.is_up() {
+                        ("failed", "DOWN")
+                    } else {
+                        ("succeeded", "UP")
+                    };
+                    info!(
+                        server = %name,
+                        "health check for {name} {outcome} ({why}); {count}/{needed} towards {towards}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn servers_up(&self) -> (usize, usize) {
+        let up = |backup: bool| {
+            self.servers
+                .iter()
+                .filter(|s| s.config.backup == backup && s.takes_clients())
+                .count()
+        };
+        (up(false), up(true))
+    }
+
+    /// Sets the operator's state of the server called `name`.
+    pub fn set_admin_state(&self, name: &str, state: AdminState) -> Result<(), AdminError> {
+        let server = self
+            .servers
+            .iter()
+            .find(|s| s.config.name == name)
+            .ok_or_else(|| AdminError::UnknownServer {
+                listener: self.listener.clone(),
+                server: name.to_owned(),
+            })?;
+        let previous = server.set_admin_state(state);
+        if previous != state {
+            info!(
+                server = %format!("{}/{name}", self.listener),
+                "server {}/{name} set from {} to {} by the admin API; now {}",
+                self.listener,
+                previous.as_str(),
+                state.as_str(),
+                server.status().as_str()
+            );
+        }
+        Ok(())
+    }
+
+    /// The numbers the stats show for this listener.
+    pub fn stats(&self, relay: &Relay) -> ListenerStats {
+        let servers: Vec<_> = self.servers.iter().map(|s| s.stats(relay)).collect();
+        ListenerStats {
+            name: self.listener.clone(),
+            bind: self.bind.clone(),
+            balance: self.balance.as_str().to_owned(),
+            sessions_cur: self.sessions_cur.load(Ordering::Relaxed),
+            sessions_max: self.sessions_max.load(Ordering::Relaxed),
+            sessions_total: self.sessions_total.load(Ordering::Relaxed),
+            bytes_in: servers.iter().map(|s| s.bytes_in).sum(),
+            bytes_out: servers.iter().map(|s| s.bytes_out).sum(),
+            refused_no_server: self.refused_no_server.load(Ordering::Relaxed),
+            servers,
+        }
+    }
+
+    /// Starts one health monitor per checked server; they stop with `stop`.
+    pub fn start_monitors(self: &Arc<Self>, listener: &Listener, stop: &CancellationToken) {
+        monitor::start(self, listener, stop);
+    }
+}
+
+/// An accepted client, counted by its listener until dropped.
+pub struct AcceptGuard {
+    pool: Arc<Pool>,
+}
+
+impl Drop for AcceptGuard {
+    fn drop(&mut self) {
+        self.pool.sessions_cur.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,278 @@
+//! One server at run time: health, the operator's admin state, open sessions and counters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::balance::Candidate;
+use crate::config::Server;
+use crate::health::{CheckResult, CheckSpec, HealthState, Transition};
+use crate::relay::{LiveTraffic, Relay, Transfer};
+use crate::stats::{AdminState, ServerStats};
+
+/// What the stats call a server's status: the operator's state overrides health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Up,
+    Down,
+    Drain,
+    Maint,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Up => "UP",
+            Status::Down => "DOWN",
+            Status::Drain => "DRAIN",
+            Status::Maint => "MAINT",
+        }
+    }
+}
+
+/// One server at run time.
+pub struct ServerRuntime {
+    pub config: Server,
+    /// How this server is checked; `None`: never checked, always up.
+    pub(super) check: Option<CheckSpec>,
+    health: Mutex<HealthState>,
+    last_check: Mutex<Option<CheckResult>>,
+    admin: Mutex<AdminState>,
+    /// The status last seen, since when, and the DOWN time accumulated before it.
+    status: Mutex<StatusHistory>,
+    sessions: AtomicU32,
+    /// Sessions being relayed, by id, and the totals of finished ones: one lock, so a
+    /// snapshot never counts a session twice or not at all.
+    traffic: Mutex<TrafficBook>,
+    next_session: AtomicU64,
+    sessions_max: AtomicU64,
+    connect_errors: AtomicU64,
+}
+
+struct StatusHistory {
+    status: Status,
+    since: Instant,
+    downtime: Duration,
+}
+
+#[derive(Default)]
+struct TrafficBook {
+    live: HashMap<u64, Arc<LiveTraffic>>,
+    sessions_total: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    kernel_bytes: u64,
+}
+
+impl ServerRuntime {
+    pub(super) fn new(config: Server, check: Option<CheckSpec>, rise: u32, fall: u32) -> Self {
+        ServerRuntime {
+            config,
+            check,
+            health: Mutex::new(HealthState::new(rise, fall)),
+            last_check: Mutex::new(None),
+            admin: Mutex::new(AdminState::Ready),
+            status: Mutex::new(StatusHistory {
+                status: Status::Up,
+                since: Instant::now(),
+                downtime: Duration::ZERO,
+            }),
+            sessions: AtomicU32::new(0),
+            traffic: Mutex::new(TrafficBook::default()),
+            next_session: AtomicU64::new(0),
+            sessions_max: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Healthy (or unchecked), whatever the operator says.
+    pub fn is_up(&self) -> bool {
+        self.check.is_none() || lock(&self.health).is_up()
+    }
+
+    pub fn admin_state(&self) -> AdminState {
+        *lock(&self.admin)
+    }
+
+    pub fn status(&self) -> Status {
+        match self.admin_state() {
+            AdminState::Maint => Status::Maint,
+            AdminState::Drain => Status::Drain,
+            AdminState::Ready if self.is_up() => Status::Up,
+            AdminState::Ready => Status::Down,
+        }
+    }
+
+    /// May take new clients: healthy and ready.
+    pub fn takes_clients(&self) -> bool {
+        self.admin_state() == AdminState::Ready && self.is_up()
+    }
+
+    /// Sessions currently relayed to this server.
+    pub fn sessions(&self) -> u32 {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn candidate(&self) -> Candidate {
+        Candidate {
+            weight: self.config.weight,
+            eligible: self.takes_clients(),
+            backup: self.config.backup,
+            sessions: self.sessions(),
+        }
+    }
+
+    /// Feeds a check result (or a failed client connect) into the health state.
+    pub(super) fn record_health(&self, passed: bool) -> Option<Transition> {
+        let transition = lock(&self.health).record(passed);
+        self.note_status();
+        transition
+    }
+
+    pub(super) fn health_change_pending(&self) -> Option<(u32, u32)> {
+        let health = lock(&self.health);
+        health.change_pending().then(|| {
+            if health.is_up() {
+                (health.failures(), health.fall())
+            } else {
+                (health.successes(), health.rise())
+            }
+        })
+    }
+
+    pub(super) fn next_check_in(
+        &self,
+        inter: Duration,
+        fast: Duration,
+        down: Duration,
+    ) -> Duration {
+        lock(&self.health).next_interval(inter, fast, down)
+    }
+
+    pub(super) fn set_last_check(&self, result: CheckResult) {
+        *lock(&self.last_check) = Some(result);
+    }
+
+    pub(super) fn set_admin_state(&self, state: AdminState) -> AdminState {
+        let previous = std::mem::replace(&mut *lock(&self.admin), state);
+        self.note_status();
+        previous
+    }
+
+    pub(super) fn count_connect_error(&self) {
+        self.connect_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Remembers when the status changed and accumulates time spent DOWN.
+    fn note_status(&self) {
+        let now = self.status();
+        let mut history = lock(&self.status);
+        if history.status != now {
+            if history.status == Status::Down {
+                let down_for = history.since.elapsed();
+                history.downtime += down_for;
+            }
+            history.status = now;
+            history.since = Instant::now();
+        }
+    }
+
+    /// Counts a session until the returned guard is finished or dropped.
+    pub fn open_session(self: &Arc<Self>) -> SessionGuard {
+        let open = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        self.sessions_max
+            .fetch_max(u64::from(open), Ordering::Relaxed);
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let live = Arc::new(LiveTraffic::default());
+        lock(&self.traffic).live.insert(id, live.clone());
+        SessionGuard {
+            server: self.clone(),
+            id,
+            live,
+        }
+    }
+
+    /// The numbers the stats show for this server.
+    pub fn stats(&self, relay: &Relay) -> ServerStats {
+        let (sessions_total, bytes_in, bytes_out, kernel_bytes) = {
+            let book = lock(&self.traffic);
+            let mut totals = (
+                book.sessions_total,
+                book.bytes_in,
+                book.bytes_out,
+                book.kernel_bytes,
+            );
+            for live in book.live.values() {
+                let now = live.transfer(relay, crate::relay::Termination::Closed);
+                totals.1 += now.bytes_in;
+                totals.2 += now.bytes_out;
+                totals.3 += now.kernel;
+            }
+            totals
+        };
+        let status = self.status();
+        let (last_change, downtime) = {
+            let history = lock(&self.status);
+            let current_down = if history.status == Status::Down {
+                history.since.elapsed()
+            } else {
+                Duration::ZERO
+            };
+            (history.since.elapsed(), history.downtime + current_down)
+        };
+        let last_check = lock(&self.last_check).clone();
+        ServerStats {
+            name: self.config.name.clone(),
+            addr: self.config.addr.to_string(),
+            status: status.as_str().to_owned(),
+            admin_state: self.admin_state().as_str().to_owned(),
+            checked: self.check.is_some(),
+            check_status: last_check.as_ref().map(ToString::to_string),
+            check_detail: last_check.map(|check| check.detail),
+            weight: self.config.weight,
+            backup: self.config.backup,
+            sessions_cur: u64::from(self.sessions()),
+            sessions_max: self.sessions_max.load(Ordering::Relaxed),
+            sessions_total,
+            bytes_in,
+            bytes_out,
+            kernel_bytes,
+            connect_errors: self.connect_errors.load(Ordering::Relaxed),
+            last_change_secs: last_change.as_secs_f64(),
+            downtime_secs: downtime.as_secs_f64(),
+        }
+    }
+}
+
+/// A session to a server: counted while it lives, its bytes visible to the stats as they
+/// move, added to the server's totals when it finishes.
+pub struct SessionGuard {
+    server: Arc<ServerRuntime>,
+    id: u64,
+    pub live: Arc<LiveTraffic>,
+}
+
+impl SessionGuard {
+    /// Moves the finished session's bytes from "live" to the totals, in one step.
+    pub fn finish(self, transfer: &Transfer) {
+        let mut book = lock(&self.server.traffic);
+        book.live.remove(&self.id);
+        book.sessions_total += 1;
+        book.bytes_in += transfer.bytes_in;
+        book.bytes_out += transfer.bytes_out;
+        book.kernel_bytes += transfer.kernel;
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.server.sessions.fetch_sub(1, Ordering::Relaxed);
+        // Unfinished (the task was cancelled at shutdown): forget its live entry.
+        lock(&self.server.traffic).live.remove(&self.id);
+    }
+}
+
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,468 @@
+//! The stats page, `/api/stats`, `/metrics` and the admin API of a running daemon: exact
+//! session and byte counts (kernel and user-space relay alike), drain and maintenance, and
+//! an admin API that refuses requests without the token.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use mxlb_tests::backend::{Backend, Digest256, digest_until_eof, read_line, send_pattern};
+use mxlb_tests::free_addr;
+use mxlb_tests::mxlb::http::{get, get_json, post_json, server};
+use mxlb_tests::mxlb::{
+    Mxlb, RelayKind, ServerEntry, binary, config, config_with_listener_keys, pin_path, with_stats,
+};
+
+const TOKEN: &str = "s3cret-admin-token";
+const BANNER: &[u8] = b"220 counted\r\n";
+const REPLY: &[u8] = b"250 all received\r\n";
+
+/// A backend that greets, reads to EOF, answers, closes: bytes out per session are fixed.
+fn counting_backend() -> Result<Backend<Digest256>> {
+    Backend::spawn(|mut stream, _| {
+        stream.write_all(BANNER)?;
+        let received = digest_until_eof(&mut stream)?;
+        stream.write_all(REPLY)?;
+        Ok(received)
+    })
+}
+
+/// One client session that sends `size` bytes.
+fn session(listen: SocketAddr, seed: u64, size: u64) -> Result<()> {
+    let mut client = TcpStream::connect(listen)?;
+    ensure!(read_line(&mut client)?.as_bytes() == BANNER);
+    send_pattern(&mut client, seed, size)?;
+    client.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest)?;
+    ensure!(rest == REPLY, "{rest:?}");
+    Ok(())
+}
+
+fn u64_of(value: &serde_json::Value, field: &str) -> u64 {
+    value[field].as_u64().unwrap_or(u64::MAX)
+}
+
+#[test]
+fn kernel_relay_counts_are_exact() -> Result<()> {
+    exact_counts(RelayKind::Kernel)
+}
+
+#[test]
+fn userspace_relay_counts_are_exact() -> Result<()> {
+    exact_counts(RelayKind::UserSpace)
+}
+
+/// After sessions of known sizes, `/api/stats` and `/metrics` show exactly those sessions
+/// and bytes per server; mid-transfer, the kernel's live counters already show up.
+fn exact_counts(relay: RelayKind) -> Result<()> {
+    let one = counting_backend()?;
+    let two = counting_backend()?;
+    let listen = free_addr();
+    let stats_addr = free_addr();
+    let pins = pin_path(&format!("stats-{relay:?}"));
+    let text = config(
+        relay,
+        &pins,
+        listen,
+        &[
+            ServerEntry {
+                name: "one",
+                addr: one.addr,
+                send_proxy: "v1",
+            },
+            ServerEntry {
+                name: "two",
+                addr: two.addr,
+                send_proxy: "v2",
+            },
+        ],
+    );
+    let mxlb = Mxlb::start(&with_stats(&text, stats_addr, None), listen, &pins)?;
+    let base = format!("http://{stats_addr}");
+
+    // Round robin: sizes 0 and 2 go to "one", 1 and 3 to "two".
+    let sizes = [1_000u64, 20_000, 300_000, 3_000_000];
+    for (i, &size) in sizes.iter().enumerate() {
+        session(listen, i as u64, size)?;
+        let report = if i % 2 == 0 { &one } else { &two };
+        ensure!(report.next_report(Duration::from_secs(30))?.bytes == size);
+    }
+    mxlb.wait_for_log_count("connection finished", sizes.len(), Duration::from_secs(10))?;
+
+    let stats = get_json(&format!("{base}/api/stats"))?;
+    ensure!(stats["relay"] == relay_name(relay), "{stats}");
+    for (name, sent) in [("one", sizes[0] + sizes[2]), ("two", sizes[1] + sizes[3])] {
+        let s = server(&stats, "smtp", name)?;
+        ensure!(s["status"] == "UP", "{s}");
+        ensure!(u64_of(s, "sessions_total") == 2, "{s}");
+        ensure!(u64_of(s, "sessions_cur") == 0, "{s}");
+        ensure!(u64_of(s, "bytes_in") == sent, "{name}: bytes_in {s}");
+        let out = 2 * (BANNER.len() + REPLY.len()) as u64;
+        ensure!(u64_of(s, "bytes_out") == out, "{name}: bytes_out {s}");
+        let kernel = match relay {
+            RelayKind::Kernel => sent + out,
+            RelayKind::UserSpace => 0,
+        };
+        ensure!(
+            u64_of(s, "kernel_bytes") == kernel,
+            "{name}: kernel_bytes {s}"
+        );
+    }
+    let listener = &stats["listeners"][0];
+    ensure!(
+        u64_of(listener, "sessions_total") == sizes.len() as u64,
+        "{listener}"
+    );
+
+    // The same numbers through a real Prometheus text parser.
+    let (status, metrics) = get(&format!("{base}/metrics"))?;
+    ensure!(status == 200);
+    let lines = metrics.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).context("parsing /metrics")?;
+    let sample = |metric: &str, server: &str, direction: Option<&str>| -> Option<f64> {
+        scrape.samples.iter().find_map(|s| {
+            let matches = s.metric == metric
+                && s.labels.get("listener") == Some("smtp")
+                && s.labels.get("server") == Some(server)
+                && direction.is_none_or(|d| s.labels.get("direction") == Some(d));
+            match (matches, &s.value) {
+                (true, prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v)) => {
+                    Some(*v)
+                }
+                (true, prometheus_parse::Value::Untyped(v)) => Some(*v),
+                _ => None,
+            }
+        })
+    };
+    ensure!(
+        sample("mxlb_server_bytes_total", "one", Some("in")) == Some((sizes[0] + sizes[2]) as f64),
+        "{metrics}"
+    );
+    ensure!(
+        sample("mxlb_server_sessions_total", "two", None) == Some(2.0),
+        "{metrics}"
+    );
+    ensure!(
+        sample("mxlb_server_up", "one", None) == Some(1.0),
+        "{metrics}"
+    );
+    ensure!(
+        scrape.docs.keys().all(|name| name.starts_with("mxlb_")),
+        "every metric is named mxlb_*: {:?}",
+        scrape.docs.keys()
+    );
+
+    if relay == RelayKind::Kernel {
+        // Live: halfway through a big transfer, the kernel's counters already count.
+        let mut client = TcpStream::connect(listen)?;
+        ensure!(read_line(&mut client)?.as_bytes() == BANNER);
+        send_pattern(&mut client, 99, 32 << 20)?;
+        let live = mxlb_tests::wait_until(
+            "live bytes in the stats",
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || {
+                let stats = get_json(&format!("{base}/api/stats"))?;
+                let s = server(&stats, "smtp", "one")?.clone();
+                Ok((u64_of(&s, "bytes_in") >= sizes[0] + sizes[2] + (32 << 20)).then_some(s))
+            },
+        )?;
+        ensure!(u64_of(&live, "sessions_cur") == 1, "{live}");
+        client.shutdown(Shutdown::Write)?;
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest)?;
+    }
+    Ok(())
+}
+
+fn relay_name(relay: RelayKind) -> &'static str {
+    match relay {
+        RelayKind::Kernel => "kernel",
+        RelayKind::UserSpace => "userspace",
+    }
+}
+
+/// A backend that keeps each session open until the client closes, and counts sessions.
+fn holding_backend() -> Result<(SocketAddr, Arc<AtomicUsize>)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let counter = sessions.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            thread::spawn(move || {
+                let mut stream = stream;
+                let _ = mxlb_tests::backend::read_proxy_header(&mut stream);
+                let _ = stream.write_all(BANNER);
+                let mut sink = Vec::new();
+                let _ = stream.read_to_end(&mut sink);
+                let _ = stream.write_all(REPLY);
+            });
+        }
+    });
+    Ok((addr, sessions))
+}
+
+fn mxlb_cli(args: &[&str]) -> Result<mxlb_tests::CommandOutput> {
+    mxlb_tests::run_command(
+        Command::new(binary())
+            .args(args)
+            .env_remove("MXLB_ADMIN_TOKEN"),
+        Duration::from_secs(10),
+    )
+}
+
+/// Drain: no new clients for the drained server while its established session goes on;
+/// ready brings it back. Maintenance also stops its checks. Admin requests without the
+/// right token are refused and change nothing.
+#[test]
+fn drain_maint_and_admin_token() -> Result<()> {
+    let (one, one_connections) = holding_backend()?;
+    let (two, two_connections) = holding_backend()?;
+    let listen = free_addr();
+    let stats_addr = free_addr();
+    let pins = pin_path("drain");
+    let keys = "\n[listen.check]\ntype = \"tcp\"\ninter = \"100ms\"\n";
+    let text = config_with_listener_keys(
+        RelayKind::Kernel,
+        &pins,
+        listen,
+        &[
+            ServerEntry {
+                name: "one",
+                addr: one,
+                send_proxy: "v1",
+            },
+            ServerEntry {
+                name: "two",
+                addr: two,
+                send_proxy: "v1",
+            },
+        ],
+        keys,
+    );
+    let mxlb = Mxlb::start(&with_stats(&text, stats_addr, Some(TOKEN)), listen, &pins)?;
+    let base = format!("http://{stats_addr}");
+    let url = format!("{base}/api/servers/smtp/one/state");
+    let drain = serde_json::json!({"state": "drain"});
+
+    // Refused: no token, wrong token, unknown server, bad body. Nothing changes.
+    ensure!(post_json(&url, None, &drain)?.0 == 401);
+    ensure!(post_json(&url, Some("wrong"), &drain)?.0 == 401);
+    let unknown = format!("{base}/api/servers/smtp/nope/state");
+    ensure!(post_json(&unknown, Some(TOKEN), &drain)?.0 == 404);
+    ensure!(post_json(&url, Some(TOKEN), &serde_json::json!({"state": "off"}))?.0 == 400);
+    let denied = mxlb_cli(&[
+        "server",
+        "set-state",
+        "smtp/one",
+        "drain",
+        "--stats",
+        &base,
+        "--token",
+        "wrong",
+    ])?;
+    ensure!(!denied.status.success(), "{}", denied.output);
+    let stats = get_json(&format!("{base}/api/stats"))?;
+    ensure!(server(&stats, "smtp", "one")?["status"] == "UP", "{stats}");
+
+    // An established session on "one" (the first pick), then drain "one" with the CLI.
+    let mut established = TcpStream::connect(listen)?;
+    ensure!(read_line(&mut established)?.as_bytes() == BANNER);
+    let drained = mxlb_cli(&[
+        "server",
+        "set-state",
+        "smtp/one",
+        "drain",
+        "--stats",
+        &base,
+        "--token",
+        TOKEN,
+    ])?;
+    ensure!(drained.status.success(), "{}", drained.output);
+    let stats = get_json(&format!("{base}/api/stats"))?;
+    let s = server(&stats, "smtp", "one")?;
+    ensure!(
+        s["status"] == "DRAIN" && u64_of(s, "sessions_cur") == 1,
+        "{s}"
+    );
+
+    // New clients all go to "two" while the drained session keeps working.
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        let mut client = TcpStream::connect(listen)?;
+        ensure!(read_line(&mut client)?.as_bytes() == BANNER);
+        others.push(client);
+    }
+    let stats = get_json(&format!("{base}/api/stats"))?;
+    ensure!(
+        u64_of(server(&stats, "smtp", "two")?, "sessions_cur") == 4,
+        "{stats}"
+    );
+    ensure!(
+        u64_of(server(&stats, "smtp", "one")?, "sessions_cur") == 1,
+        "{stats}"
+    );
+    established.write_all(b"still relayed after the drain\r\n")?;
+    established.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    established.read_to_end(&mut rest)?;
+    ensure!(
+        rest == REPLY,
+        "the drained session finished normally: {rest:?}"
+    );
+    drop(others);
+
+    // Ready: "one" takes clients again.
+    let ready = post_json(&url, Some(TOKEN), &serde_json::json!({"state": "ready"}))?;
+    ensure!(ready.0 == 200, "{ready:?}");
+    let mut picked_one = false;
+    for _ in 0..2 {
+        let mut client = TcpStream::connect(listen)?;
+        ensure!(read_line(&mut client)?.as_bytes() == BANNER);
+        let stats = get_json(&format!("{base}/api/stats"))?;
+        picked_one |= u64_of(server(&stats, "smtp", "one")?, "sessions_cur") == 1;
+    }
+    ensure!(picked_one, "after ready, server one receives clients again");
+
+    // Maintenance stops its checks (each tcp check is a connection to the backend), while
+    // the other server's checks go on.
+    let maint = post_json(&url, Some(TOKEN), &serde_json::json!({"state": "maint"}))?;
+    ensure!(maint.0 == 200, "{maint:?}");
+    thread::sleep(Duration::from_millis(300));
+    let (one_before, two_before) = (
+        one_connections.load(Ordering::SeqCst),
+        two_connections.load(Ordering::SeqCst),
+    );
+    thread::sleep(Duration::from_millis(600));
+    ensure!(
+        one_connections.load(Ordering::SeqCst) == one_before,
+        "no checks of a server in maintenance"
+    );
+    ensure!(
+        two_connections.load(Ordering::SeqCst) > two_before,
+        "the other server is still checked"
+    );
+    let stats = get_json(&format!("{base}/api/stats"))?;
+    ensure!(
+        server(&stats, "smtp", "one")?["status"] == "MAINT",
+        "{stats}"
+    );
+    drop(mxlb);
+    Ok(())
+}
+
+/// The page a person looks at: loaded in headless Chromium, it shows a row per server with
+/// its state. The screenshot lands in target/ for docs/.
+#[test]
+fn html_page_renders_in_chromium() -> Result<()> {
+    let (up, _) = holding_backend()?;
+    let refused = free_addr();
+    let listen = free_addr();
+    let stats_addr = free_addr();
+    let pins = pin_path("html");
+    let keys = "\n[listen.check]\ntype = \"tcp\"\ninter = \"100ms\"\nfall = 1\n";
+    let text = config_with_listener_keys(
+        RelayKind::Kernel,
+        &pins,
+        listen,
+        &[
+            ServerEntry {
+                name: "mail1",
+                addr: up,
+                send_proxy: "v1",
+            },
+            ServerEntry {
+                name: "mail2",
+                addr: refused,
+                send_proxy: "v2",
+            },
+            ServerEntry {
+                name: "mail3",
+                addr: up,
+                send_proxy: "v1",
+            },
+        ],
+        keys,
+    );
+    let mxlb = Mxlb::start(&with_stats(&text, stats_addr, Some(TOKEN)), listen, &pins)?;
+    let base = format!("http://{stats_addr}");
+    mxlb.wait_for_log_count("server smtp/mail2 is DOWN", 1, Duration::from_secs(10))?;
+    let drain = post_json(
+        &format!("{base}/api/servers/smtp/mail3/state"),
+        Some(TOKEN),
+        &serde_json::json!({"state": "drain"}),
+    )?;
+    ensure!(drain.0 == 200, "{drain:?}");
+    session_through(listen)?;
+
+    let dir = tempfile::tempdir()?;
+    let chromium = |extra: &[&str]| -> Result<String> {
+        let output = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                "--window-size=1400,700",
+            ])
+            .arg(format!("--user-data-dir={}", dir.path().display()))
+            .args(extra)
+            .arg(format!("{base}/"))
+            .output()
+            .context("running chromium")?;
+        ensure!(
+            output.status.success(),
+            "chromium: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let dom = chromium(&["--dump-dom"])?;
+    for (row, status) in [
+        ("srv-smtp-mail1", "UP"),
+        ("srv-smtp-mail2", "DOWN"),
+        ("srv-smtp-mail3", "DRAIN"),
+    ] {
+        let needle = format!("id=\"{row}\" data-status=\"{status}\"");
+        ensure!(
+            dom.contains(&needle),
+            "{needle} not in the rendered page:\n{dom}"
+        );
+    }
+    ensure!(
+        dom.contains("L4OK") && dom.contains("L4CON"),
+        "check results shown"
+    );
+
+    let screenshot =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/stats-page.png");
+    chromium(&[&format!("--screenshot={}", screenshot.display())])?;
+    ensure!(
+        std::fs::metadata(&screenshot)?.len() > 10_000,
+        "a real screenshot"
+    );
+    Ok(())
+}
+
+fn session_through(listen: SocketAddr) -> Result<()> {
+    let mut client = TcpStream::connect(listen)?;
+    ensure!(read_line(&mut client)?.as_bytes() == BANNER);
+    client.write_all(b"EHLO page.test\r\n")?;
+    client.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest)?;
+    Ok(())
+}
