@@ -234,6 +234,7 @@ fn json_logs_carry_the_connection_fields() -> Result<()> {
     let mut banner = Vec::new();
     std::io::Read::read_to_end(&mut client, &mut banner)?;
     ensure!(banner == b"220 json\r\n");
+    client.shutdown(std::net::Shutdown::Write)?;
     let line = mxlb.wait_for_log_count("connection finished", 1, Duration::from_secs(10))?;
     let entry: serde_json::Value = serde_json::from_str(&line[0])?;
     let fields = &entry["fields"];
