@@ -4,6 +4,10 @@
 //!   simulated backend, delivering into a Maildir the test reads back.
 //! - [`swaks::Swaks`]: the `swaks` SMTP client, sending from a chosen loopback address.
 //! - [`haproxy::Haproxy`]: Debian's HAProxy 2.6, the reference balancer mxlb is compared with.
+//! - [`mxlb::Mxlb`]: the daemon under test as a child process, with its log, CPU time, fds,
+//!   pinned maps (through bpftool) and stats API.
+//! - [`backend`]: scripted TCP peers for exact control over bytes, half-closes and resets.
+//! - [`delivery`]: the round-robin delivery check every balancer under test must pass.
 //!
 //! Everything binds to loopback addresses only. Each fixture lives in its own temporary
 //! directory so tests can run in parallel (within one test binary and across binaries);
