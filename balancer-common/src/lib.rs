@@ -22,6 +22,10 @@ pub const SOCKS_MAP: &str = "mxlb_socks";
 pub const TRAFFIC_MAP: &str = "mxlb_traffic";
 /// HASH: socket cookie -> [`Handover`], written by the daemon.
 pub const HANDOVER_MAP: &str = "mxlb_handover";
+/// RINGBUF of [`Event`]s: "this socket's redirected bytes crossed another step".
+pub const EVENTS_MAP: &str = "mxlb_events";
+/// The program global (patched at load) holding the event step in bytes.
+pub const EVENT_STEP_GLOBAL: &str = "MXLB_EVENT_STEP";
 
 /// Default capacity of every map; the daemon resizes them at load time from
 /// `global.maxconn` (two sockets per relayed connection).
@@ -52,6 +56,18 @@ pub struct Traffic {
 pub struct Handover {
     /// Held bytes the daemon has read from this socket and written to the peer.
     pub forwarded: u64,
+    /// Non-zero: hold every byte, because the peer has fallen behind by more than
+    /// `global.max_inflight`. Held bytes count against this socket's receive buffer, so the
+    /// sender's TCP window closes: the backpressure the redirect path lacks.
+    pub paused: u64,
+}
+
+/// A ring-buffer record: the socket with this cookie redirected another
+/// `MXLB_EVENT_STEP` bytes, so the daemon should check how far its peer has fallen behind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub cookie: u64,
 }
 
 #[cfg(feature = "user")]
@@ -59,4 +75,5 @@ mod user {
     // SAFETY: both types are `repr(C)`, made only of `u64`s, with no padding.
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::Handover {}
+    unsafe impl aya::Pod for super::Event {}
 }

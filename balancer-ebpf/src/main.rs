@@ -10,14 +10,15 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
+    Global,
+    bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_verdict},
-    maps::{HashMap, SockHash},
+    maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::debug;
-use balancer_common::{DEFAULT_MAX_SOCKETS, Handover, Traffic};
+use balancer_common::{DEFAULT_MAX_SOCKETS, Event, Handover, Traffic};
 
 #[map(name = "mxlb_socks")]
 static MXLB_SOCKS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
@@ -28,16 +29,26 @@ static MXLB_TRAFFIC: HashMap<u64, Traffic> = HashMap::with_max_entries(DEFAULT_M
 #[map(name = "mxlb_handover")]
 static MXLB_HANDOVER: HashMap<u64, Handover> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
+#[map(name = "mxlb_events")]
+static MXLB_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Bytes between two events of one socket; the daemon patches it at load from
+/// `global.max_inflight`. Zero turns events off.
+#[unsafe(no_mangle)]
+static MXLB_EVENT_STEP: Global<u64> = Global::new(0);
+
 #[stream_verdict]
 pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the helper only reads the skb's socket.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
     let len = u64::from(ctx.len());
     if len == 0 {
-        // The peer's FIN arrives as an empty segment. Passed to its own socket it becomes
-        // EOF for the daemon's read; redirected, the kernel would try to send zero bytes on
-        // the peer, take that for a broken pipe, and stop the peer's relay (EPIPE).
-        return SK_PASS;
+        // The peer's FIN arrives as an empty segment; TCP has already recorded the
+        // shutdown, which is what the daemon's read reports as EOF. Redirected, the kernel
+        // would send zero bytes on the peer and take that for a broken pipe; passed while
+        // the socket's queue is busy, the same happens on this socket's own backlog, which
+        // then stops for good. Dropping it carries no data.
+        return SK_DROP;
     }
 
     // A socket the daemon has not (or no longer) registered: leave its bytes to the daemon.
@@ -49,15 +60,23 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
     let traffic = unsafe { &mut *traffic };
 
     // SAFETY: plain read of a value the daemon replaces atomically.
-    let forwarded = unsafe { MXLB_HANDOVER.get(cookie) }.map_or(0, |h| h.forwarded);
-    if traffic.held != forwarded {
-        // The daemon still owns earlier bytes of this direction: queue behind them.
+    let (forwarded, paused) =
+        unsafe { MXLB_HANDOVER.get(cookie) }.map_or((0, 0), |h| (h.forwarded, h.paused));
+    if paused != 0 || traffic.held != forwarded {
+        // The peer is too far behind, or the daemon still owns earlier bytes of this
+        // direction: queue behind them, in this socket's own (bounded) receive queue.
         traffic.held += len;
         return SK_PASS;
     }
 
     if MXLB_SOCKS.redirect_skb(&ctx, &mut cookie, 0) == i64::from(SK_PASS) {
+        let before = traffic.redirected;
         traffic.redirected += len;
+        let step = MXLB_EVENT_STEP.load();
+        if step != 0 && before / step != traffic.redirected / step {
+            // Best effort: a full ring only delays the daemon's look until the next step.
+            let _ = MXLB_EVENTS.output::<Event>(Event { cookie }, 0);
+        }
         return SK_PASS;
     }
 

@@ -36,6 +36,15 @@ const DEFAULT_FALL: u32 = 3;
 const DEFAULT_WEIGHT: u32 = 1;
 /// HAProxy's maximum server weight.
 const MAX_WEIGHT: u32 = 256;
+const DEFAULT_MAX_INFLIGHT: u64 = 4 << 20;
+/// A floor, so that a slip such as `"64B"` cannot throttle every relay to a crawl.
+const MIN_MAX_INFLIGHT: u64 = 64 << 10;
+const DEFAULT_RATE_WINDOW: Duration = Duration::from_secs(10);
+/// One IPv4 address per source: NAT is rare among sending MTAs.
+const DEFAULT_SOURCE_PREFIX_V4: u8 = 32;
+/// One /64 per source: the smallest block a site is usually given, and the block one
+/// host can pick fresh addresses from at will.
+const DEFAULT_SOURCE_PREFIX_V6: u8 = 64;
 
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,11 +61,15 @@ pub struct Global {
     /// Where maps and programs are pinned, for bpftool.
     pub pin_path: PathBuf,
     pub relay: RelayMode,
-    /// Most client connections open at once, over all listeners.
+    /// Most client connections open at once, over all listeners; clients beyond it are
+    /// answered `421 4.7.0`. Also sizes the kernel maps.
     pub maxconn: u32,
     /// How long relays may finish after SIGTERM/SIGINT.
     pub grace: Duration,
     pub log_format: LogFormat,
+    /// Most bytes of one direction of a relayed connection that may wait between the two
+    /// sockets for a slow receiver before the sender is held; at least 64 KiB.
+    pub max_inflight: u64,
 }
 
 impl Default for Global {
@@ -67,6 +80,7 @@ impl Default for Global {
             maxconn: DEFAULT_MAXCONN,
             grace: DEFAULT_GRACE,
             log_format: LogFormat::Text,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
         }
     }
 }
@@ -114,9 +128,49 @@ pub struct Listener {
     pub redispatch: bool,
     pub timeout_connect: Duration,
     pub timeout_idle: Duration,
+    /// Most clients this listener serves at once (`global.maxconn` when not set); clients
+    /// beyond it are answered `421 4.7.0`.
+    pub maxconn: u32,
+    /// Limits per client address (or address block).
+    pub source_limits: SourceLimits,
     pub check: Check,
     /// In file order; the TOML key is `[[listen.server]]`.
     pub servers: Vec<Server>,
+}
+
+/// Per-source limits of a listener: clients over them are answered `421 4.7.0` before any
+/// server is contacted. Sources are grouped by prefix, so one host cannot dodge the limits
+/// by hopping between the addresses of its IPv6 block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceLimits {
+    /// Most connections open at once per source; 0: no limit.
+    pub max_conn: u32,
+    /// Most new connections per source within `rate_window`; 0: no limit.
+    pub max_rate: u32,
+    pub rate_window: Duration,
+    /// IPv4 sources (and IPv4-mapped IPv6 ones) are grouped by this prefix length.
+    pub prefix_v4: u8,
+    /// IPv6 sources are grouped by this prefix length.
+    pub prefix_v6: u8,
+}
+
+impl Default for SourceLimits {
+    fn default() -> Self {
+        SourceLimits {
+            max_conn: 0,
+            max_rate: 0,
+            rate_window: DEFAULT_RATE_WINDOW,
+            prefix_v4: DEFAULT_SOURCE_PREFIX_V4,
+            prefix_v6: DEFAULT_SOURCE_PREFIX_V6,
+        }
+    }
+}
+
+impl SourceLimits {
+    /// Whether any per-source limit is on (else no per-source state is kept at all).
+    pub fn any(&self) -> bool {
+        self.max_conn > 0 || self.max_rate > 0
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -212,6 +266,9 @@ pub struct Server {
     pub backup: bool,
     /// Health-check this server (when the listener has a check).
     pub check: bool,
+    /// Most sessions open to this server at once; a full server takes no new clients.
+    /// 0: no limit.
+    pub maxconn: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -347,7 +404,7 @@ impl RawConfig {
             Some(listen) if listen.get_ref().is_empty() => {
                 return invalid(listen.span(), "at least one [[listen]] is needed");
             }
-            Some(listen) => listeners(listen.into_inner())?,
+            Some(listen) => listeners(listen.into_inner(), &global)?,
             None => return invalid(0..0, "no [[listen]] section: nothing to balance"),
         };
         Ok(Config {
@@ -358,15 +415,16 @@ impl RawConfig {
     }
 }
 
-/// Validates each listener, then what must be unique across listeners.
-fn listeners(raw: Vec<RawListener>) -> Validated<Vec<Listener>> {
+/// Validates each listener, then what must be unique across listeners. `global` gives
+/// the defaults listeners inherit.
+fn listeners(raw: Vec<RawListener>, global: &Global) -> Validated<Vec<Listener>> {
     let mut names = HashSet::new();
     let mut binds: HashMap<SocketAddr, String> = HashMap::new();
     let mut listeners = Vec::with_capacity(raw.len());
     for raw in raw {
         let name_span = raw.name.span();
         let bind_span = raw.bind.span();
-        let listener = raw.validate()?;
+        let listener = raw.validate(global)?;
         if !names.insert(listener.name.clone()) {
             return invalid(
                 name_span,
@@ -394,6 +452,7 @@ struct RawGlobal {
     maxconn: Option<Spanned<u32>>,
     grace: Option<HumanDuration>,
     log_format: Option<LogFormat>,
+    max_inflight: Option<Spanned<HumanSize>>,
 }
 
 impl RawGlobal {
@@ -405,6 +464,12 @@ impl RawGlobal {
             maxconn: bounded(self.maxconn, defaults.maxconn, 1..=u32::MAX, "maxconn")?,
             grace: self.grace.map_or(defaults.grace, |grace| grace.0),
             log_format: self.log_format.unwrap_or(defaults.log_format),
+            max_inflight: at_least(
+                self.max_inflight,
+                defaults.max_inflight,
+                MIN_MAX_INFLIGHT,
+                "max_inflight",
+            )?,
         })
     }
 }
@@ -444,13 +509,19 @@ struct RawListener {
     redispatch: Option<bool>,
     timeout_connect: Option<Spanned<HumanDuration>>,
     timeout_idle: Option<Spanned<HumanDuration>>,
+    maxconn: Option<Spanned<u32>>,
+    max_conn_per_source: Option<u32>,
+    max_rate_per_source: Option<u32>,
+    rate_window: Option<Spanned<HumanDuration>>,
+    source_prefix_v4: Option<Spanned<u32>>,
+    source_prefix_v6: Option<Spanned<u32>>,
     check: Option<RawCheck>,
     #[serde(default)]
     server: Vec<RawServer>,
 }
 
 impl RawListener {
-    fn validate(self) -> Validated<Listener> {
+    fn validate(self, global: &Global) -> Validated<Listener> {
         let name_span = self.name.span();
         let name = url_safe_name(self.name, "listener")?;
         if self.bind.get_ref().0.is_empty() {
@@ -468,6 +539,14 @@ impl RawListener {
                 "timeout_connect",
             )?,
             timeout_idle: nonzero(self.timeout_idle, DEFAULT_TIMEOUT_IDLE, "timeout_idle")?,
+            maxconn: bounded(self.maxconn, global.maxconn, 1..=u32::MAX, "maxconn")?,
+            source_limits: SourceLimits {
+                max_conn: self.max_conn_per_source.unwrap_or(0),
+                max_rate: self.max_rate_per_source.unwrap_or(0),
+                rate_window: nonzero(self.rate_window, DEFAULT_RATE_WINDOW, "rate_window")?,
+                prefix_v4: prefix(self.source_prefix_v4, DEFAULT_SOURCE_PREFIX_V4, 32, "v4")?,
+                prefix_v6: prefix(self.source_prefix_v6, DEFAULT_SOURCE_PREFIX_V6, 128, "v6")?,
+            },
             check: check(self.check)?,
             servers: servers(self.server, &name, name_span)?,
             name,
@@ -563,6 +642,7 @@ struct RawServer {
     weight: Option<Spanned<u32>>,
     backup: Option<bool>,
     check: Option<bool>,
+    maxconn: Option<u32>,
 }
 
 impl RawServer {
@@ -574,6 +654,7 @@ impl RawServer {
             weight: bounded(self.weight, DEFAULT_WEIGHT, 0..=MAX_WEIGHT, "weight")?,
             backup: self.backup.unwrap_or(false),
             check: self.check.unwrap_or(true),
+            maxconn: self.maxconn.unwrap_or(0),
         })
     }
 }
@@ -620,6 +701,36 @@ fn bounded(
                 range.start()
             ),
         ),
+    }
+}
+
+/// A prefix length for grouping sources: 1 to `bits` (an address family's length). 0 would
+/// make the whole address family a single source.
+fn prefix(value: Option<Spanned<u32>>, default: u8, bits: u8, family: &str) -> Validated<u8> {
+    let what = format!("source_prefix_{family}");
+    let length = bounded(value, u32::from(default), 1..=u32::from(bits), &what)?;
+    // In range, so it fits; the fallback is never taken.
+    Ok(u8::try_from(length).unwrap_or(bits))
+}
+
+/// A size with a lower bound, such as a buffer budget that must hold at least one buffer.
+fn at_least(
+    value: Option<Spanned<HumanSize>>,
+    default: u64,
+    minimum: u64,
+    what: &str,
+) -> Validated<u64> {
+    match value {
+        None => Ok(default),
+        Some(value) if value.get_ref().0 < minimum => invalid(
+            value.span(),
+            format!(
+                "{what} must be at least {}, not {} bytes",
+                HumanSize::display(minimum),
+                value.get_ref().0
+            ),
+        ),
+        Some(value) => Ok(value.into_inner().0),
     }
 }
 
@@ -675,6 +786,81 @@ impl Visitor<'_> for HumanDurationVisitor {
         humantime::parse_duration(text)
             .map(HumanDuration)
             .map_err(|error| E::custom(format!("invalid duration {text:?}: {error}")))
+    }
+}
+
+/// A size in bytes: a TOML integer (bytes), or a string with a binary unit such as
+/// `"512KiB"`, `"4 MiB"` or `"1GiB"` (`"65536B"` for bytes). Decimal units (`"4MB"`) are
+/// refused rather than guessed: 4 MB and 4 MiB differ by almost 5 %.
+struct HumanSize(u64);
+
+impl HumanSize {
+    /// The largest whole unit that divides `bytes`: `64 KiB`, `4 MiB`, `1000 bytes`.
+    fn display(bytes: u64) -> String {
+        const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        UNITS
+            .iter()
+            .find(|(size, _)| bytes != 0 && bytes.is_multiple_of(*size))
+            .map_or_else(
+                || format!("{bytes} bytes"),
+                |(size, unit)| format!("{} {unit}", bytes / size),
+            )
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(HumanSizeVisitor)
+    }
+}
+
+struct HumanSizeVisitor;
+
+impl Visitor<'_> for HumanSizeVisitor {
+    type Value = HumanSize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "a size: bytes as an integer, or a string such as \"512KiB\", \"4MiB\" or \"1GiB\"",
+        )
+    }
+
+    fn visit_u64<E: de::Error>(self, bytes: u64) -> Result<HumanSize, E> {
+        Ok(HumanSize(bytes))
+    }
+
+    fn visit_i64<E: de::Error>(self, bytes: i64) -> Result<HumanSize, E> {
+        u64::try_from(bytes)
+            .map(HumanSize)
+            .map_err(|_| E::custom(format!("invalid size {bytes}: a size cannot be negative")))
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<HumanSize, E> {
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(digits);
+        let multiplier: u64 = match unit.trim_start() {
+            "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => {
+                return Err(E::custom(format!(
+                    "invalid size {text:?}: expected a whole number and a unit B, KiB, MiB or GiB, such as \"4MiB\""
+                )));
+            }
+        };
+        number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(multiplier))
+            .map(HumanSize)
+            .ok_or_else(|| {
+                E::custom(format!(
+                    "invalid size {text:?}: not a whole number of bytes up to 2^64"
+                ))
+            })
     }
 }
 
@@ -847,6 +1033,7 @@ addr = "127.0.0.1:10025"
                 maxconn: 20000,
                 grace: Duration::from_secs(30),
                 log_format: LogFormat::Text,
+                max_inflight: 4 << 20,
             },
             stats: Some(Stats {
                 bind: addr("127.0.0.1:8404"),
@@ -861,6 +1048,8 @@ addr = "127.0.0.1:10025"
                 redispatch: true,
                 timeout_connect: Duration::from_secs(5),
                 timeout_idle: Duration::from_secs(600),
+                maxconn: 20000,
+                source_limits: SourceLimits::default(),
                 check: Check {
                     kind: CheckType::Smtp,
                     verb: SmtpVerb::Ehlo,
@@ -879,6 +1068,7 @@ addr = "127.0.0.1:10025"
                     weight: 1,
                     backup: false,
                     check: true,
+                    maxconn: 0,
                 }],
             }],
         };
@@ -905,6 +1095,19 @@ addr = "127.0.0.1:10025"
         assert!(listener.redispatch);
         assert_eq!(listener.timeout_connect, Duration::from_secs(5));
         assert_eq!(listener.timeout_idle, Duration::from_secs(600));
+        assert_eq!(listener.maxconn, 20000);
+        assert_eq!(
+            listener.source_limits,
+            SourceLimits {
+                max_conn: 0,
+                max_rate: 0,
+                rate_window: Duration::from_secs(10),
+                prefix_v4: 32,
+                prefix_v6: 64,
+            }
+        );
+        assert!(!listener.source_limits.any());
+        assert_eq!(config.global.max_inflight, 4 * 1024 * 1024);
         assert_eq!(
             listener.check,
             Check {
@@ -925,6 +1128,128 @@ addr = "127.0.0.1:10025"
         assert_eq!(server.weight, 1);
         assert!(!server.backup);
         assert!(server.check);
+        assert_eq!(server.maxconn, 0);
+    }
+
+    #[test]
+    fn limits() {
+        let text = with_listener_keys(
+            "maxconn = 500\nmax_conn_per_source = 3\nmax_rate_per_source = 20\n\
+             rate_window = \"1m\"\nsource_prefix_v4 = 24\nsource_prefix_v6 = 48\n",
+        ) + "maxconn = 7\n[global]\nmaxconn = 1000\n";
+        let config = parse(&text).expect("parses");
+        assert_eq!(config.global.maxconn, 1000);
+        let listener = &config.listeners[0];
+        assert_eq!(listener.maxconn, 500);
+        assert_eq!(
+            listener.source_limits,
+            SourceLimits {
+                max_conn: 3,
+                max_rate: 20,
+                rate_window: Duration::from_secs(60),
+                prefix_v4: 24,
+                prefix_v6: 48,
+            }
+        );
+        assert!(listener.source_limits.any());
+        assert_eq!(listener.servers[0].maxconn, 7);
+
+        // A listener without its own maxconn inherits the global one, wherever [global] is.
+        let config = parse(&format!("[global]\nmaxconn = 64\n{MINIMAL}")).expect("parses");
+        assert_eq!(config.listeners[0].maxconn, 64);
+
+        assert_error(
+            &with_listener_keys("maxconn = 0\n"),
+            "mxlb.toml:4:11:",
+            "maxconn must be at least 1, not 0",
+        );
+        assert_error(
+            &with_listener_keys("source_prefix_v4 = 33\n"),
+            "mxlb.toml:4:20:",
+            "source_prefix_v4 must be between 1 and 32, not 33",
+        );
+        assert_error(
+            &with_listener_keys("source_prefix_v6 = 0\n"),
+            "mxlb.toml:4:20:",
+            "source_prefix_v6 must be between 1 and 128, not 0",
+        );
+        assert_error(
+            &with_listener_keys("rate_window = \"0s\"\n"),
+            "mxlb.toml:4:15:",
+            "rate_window must be longer than zero",
+        );
+        assert_error(
+            &with_listener_keys("max_conn_per_source = -1\n"),
+            "mxlb.toml:4:23:",
+            "invalid value",
+        );
+        assert_error(
+            &format!("{MINIMAL}maxconn = \"10\"\n"),
+            "mxlb.toml:8:11:",
+            "invalid type",
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        let inflight = |value: &str| {
+            parse(&format!("[global]\nmax_inflight = {value}\n{MINIMAL}"))
+                .map(|config| config.global.max_inflight)
+        };
+        for (value, bytes) in [
+            ("\"4MiB\"", 4 << 20),
+            ("\"512KiB\"", 512 << 10),
+            ("\"1GiB\"", 1 << 30),
+            ("\"2 GiB\"", 2 << 30),
+            ("\"65536B\"", 65536),
+            ("65536", 65536),
+            ("\"64KiB\"", 64 << 10),
+        ] {
+            assert_eq!(inflight(value).expect(value), bytes, "{value}");
+        }
+        assert_error(
+            "[global]\nmax_inflight = \"4MB\"\n",
+            "mxlb.toml:2:16:",
+            "invalid size \"4MB\"",
+        );
+        assert_error(
+            "[global]\nmax_inflight = \"4\"\n",
+            "mxlb.toml:2:16:",
+            "invalid size",
+        );
+        assert_error(
+            "[global]\nmax_inflight = \"MiB\"\n",
+            "mxlb.toml:2:16:",
+            "not a whole number",
+        );
+        assert_error(
+            "[global]\nmax_inflight = \"1.5MiB\"\n",
+            "mxlb.toml:2:16:",
+            "invalid size",
+        );
+        assert_error(
+            "[global]\nmax_inflight = \"99999999999GiB\"\n",
+            "mxlb.toml:2:16:",
+            "up to 2^64",
+        );
+        assert_error(
+            "[global]\nmax_inflight = -1\n",
+            "mxlb.toml:2:16:",
+            "cannot be negative",
+        );
+        assert_error(
+            "[global]\nmax_inflight = 1.5\n",
+            "mxlb.toml:2:16:",
+            "invalid type",
+        );
+        assert_error(
+            &format!("[global]\nmax_inflight = \"32KiB\"\n{MINIMAL}"),
+            "mxlb.toml:2:16:",
+            "max_inflight must be at least 64 KiB, not 32768 bytes",
+        );
+        assert_eq!(HumanSize::display(4 << 20), "4 MiB");
+        assert_eq!(HumanSize::display(1000), "1000 bytes");
+        assert_eq!(HumanSize::display(0), "0 bytes");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! The data path, in the order a connection meets it:
 //!
 //! - [`daemon`]: binds the listeners, accepts, and stops gracefully on SIGTERM/SIGINT.
+//! - [`limits`]: whether a new client may be served (`maxconn` at every level, per-source
+//!   concurrency and rate); over a limit it gets `421 4.7.0` and a clean close.
 //! - [`session`]: one client: [`balance`] picks a server, connect (with retries), write the
 //!   [`proxy_header`], hand the pair to the [`relay`], log one line when it ends.
 //! - [`relay`]: moves the bytes. The kernel relay pairs the two sockets in an eBPF SOCKHASH
@@ -19,6 +21,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod health;
+pub mod limits;
 pub mod logging;
 pub mod pool;
 pub mod proxy_header;

@@ -1,5 +1,5 @@
-//! One client connection, start to finish: select a server, connect, write the PROXY
-//! header, hand the pair to the relay, log the outcome.
+//! One client connection, start to finish: admit it (or refuse it over a limit), select a
+//! server, connect, write the PROXY header, hand the pair to the relay, log the outcome.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,60 +12,130 @@ use tracing::{debug, info, warn};
 
 use crate::balance::{self, Selector};
 use crate::config::{Listener, Server};
-use crate::pool::{Pool, ServerRuntime};
+use crate::limits::{self, Admission, Gauge, Limit, Refused};
+use crate::pool::{Pool, Reservation, ServerRuntime};
 use crate::proxy_header::{self, ProxyHeader};
 use crate::relay::{Relay, Termination};
+use crate::stats::ListenerStats;
 
 /// The reply a client gets when no server can take it: SMTP senders queue and retry.
 const NO_SERVER_REPLY: &[u8] = b"421 4.3.0 mxlb: no mail server available, try again later\r\n";
 
-/// A listener's servers and policy, shared by all its sessions.
+/// Why no server could take a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NoServer {
+    /// Servers are up, but every one that could take the client is at its `maxconn`.
+    Full,
+    /// This host is out of descriptors or memory for the server connection.
+    Shortage,
+    /// No server is up (or every connect attempt failed).
+    Unavailable,
+}
+
+impl NoServer {
+    /// The limit the client is refused by; `None` for the plain "no server" refusal.
+    fn limit(self) -> Option<Limit> {
+        match self {
+            NoServer::Full => Some(Limit::Server),
+            NoServer::Shortage => Some(Limit::Resources),
+            NoServer::Unavailable => None,
+        }
+    }
+}
+
+/// A listener's servers, limits and policy, shared by all its sessions.
 pub struct Frontend {
     pub config: Listener,
     pub pool: Arc<Pool>,
+    admission: Admission,
     selector: Box<dyn Selector>,
     relay: Relay,
 }
 
 impl Frontend {
-    pub fn new(config: Listener, relay: Relay) -> Frontend {
+    /// `global` counts the connections of every listener, against `global.maxconn`.
+    pub fn new(config: Listener, relay: Relay, global: Arc<Gauge>) -> Frontend {
+        let pool = Arc::new(Pool::new(&config));
         Frontend {
+            admission: Admission::new(global, pool.sessions.clone(), config.source_limits),
             selector: balance::selector_for(config.balance),
-            pool: Arc::new(Pool::new(&config)),
+            pool,
             config,
             relay,
         }
     }
 
-    /// Chooses a server for `client`, avoiding the servers in `tried` when another is
-    /// available (a redispatched retry goes elsewhere).
-    fn pick(&self, client: SocketAddr, tried: &[usize]) -> Option<usize> {
-        let mut candidates = self.pool.candidates();
-        let untried = candidates
-            .iter()
-            .enumerate()
-            .any(|(index, c)| c.eligible && c.weight > 0 && !tried.contains(&index));
-        if untried {
-            for &index in tried {
-                if let Some(candidate) = candidates.get_mut(index) {
-                    candidate.eligible = false;
+    /// The listener's numbers for the stats.
+    pub fn stats(&self, relay: &Relay) -> ListenerStats {
+        ListenerStats {
+            sources_tracked: self.admission.sources_tracked() as u64,
+            ..self.pool.stats(relay)
+        }
+    }
+
+    /// Chooses a server for `client` and takes a place among its sessions, avoiding the
+    /// servers in `tried` when another is available (a redispatched retry goes elsewhere).
+    fn pick(&self, client: SocketAddr, tried: &[usize]) -> Result<(usize, Reservation), NoServer> {
+        // A server chosen as having room may fill up before the place is taken (another
+        // client got there first); then choose again, among the rest.
+        for _ in 0..=self.pool.servers.len() {
+            let mut candidates = self.pool.candidates();
+            let untried = candidates
+                .iter()
+                .enumerate()
+                .any(|(index, c)| c.eligible && c.weight > 0 && !c.full && !tried.contains(&index));
+            if untried {
+                for &index in tried {
+                    if let Some(candidate) = candidates.get_mut(index) {
+                        candidate.eligible = false;
+                    }
                 }
             }
+            let Some(index) = balance::pick(self.selector.as_ref(), &candidates, client.ip())
+            else {
+                let full = candidates
+                    .iter()
+                    .any(|c| c.eligible && c.weight > 0 && c.full);
+                return Err(if full {
+                    NoServer::Full
+                } else {
+                    NoServer::Unavailable
+                });
+            };
+            if let Some(reservation) = self.pool.servers.get(index).and_then(|s| s.reserve()) {
+                return Ok((index, reservation));
+            }
         }
-        balance::pick(self.selector.as_ref(), &candidates, client.ip())
+        Err(NoServer::Full)
     }
 
     /// Serves one accepted client until its relay ends.
     pub async fn serve(self: Arc<Self>, client: TcpStream, client_addr: SocketAddr) {
         let started = Instant::now();
-        let _accepted = self.pool.accept();
-        let _ = client.set_nodelay(true);
-        let Some((server, mut upstream, connect_time)) = self.connect(client_addr).await else {
-            self.pool.count_refused();
-            refuse(client, client_addr, &self.config.name).await;
-            return;
+        let admitted = match self.admission.admit(client_addr.ip()) {
+            Ok(admitted) => admitted,
+            Err(refused) => return self.refuse_over_limit(client, client_addr, &refused).await,
         };
-        let session = server.open_session();
+        self.pool.count_session();
+        let _ = client.set_nodelay(true);
+        let (server, reservation, mut upstream, connect_time) =
+            match self.connect(client_addr).await {
+                Ok(connected) => connected,
+                Err(no_server) => {
+                    // A refused client holds no place while its reply goes out.
+                    drop(admitted);
+                    let Some(limit) = no_server.limit() else {
+                        self.pool.count_refused();
+                        return refuse(client, client_addr, &self.config.name).await;
+                    };
+                    let refused = Refused {
+                        limit,
+                        source: None,
+                    };
+                    return self.refuse_over_limit(client, client_addr, &refused).await;
+                }
+            };
+        let session = server.open_session(reservation);
         let server = &server.config;
         debug!(
             client = %client_addr,
@@ -74,7 +144,11 @@ impl Frontend {
             "connected to {} in {:?}", server.addr, connect_time
         );
         let outcome = match self.send_proxy_header(&client, &mut upstream, server).await {
-            Ok(()) => self.relay.relay(client, upstream, &session.live).await,
+            Ok(()) => {
+                self.relay
+                    .relay(client, upstream, &session.live, self.config.timeout_idle)
+                    .await
+            }
             Err(error) => Err(error),
         };
         let ended = outcome.unwrap_or_else(|error| {
@@ -93,6 +167,7 @@ impl Frontend {
             duration_ms = started.elapsed().as_secs_f64() * 1e3,
             bytes_in = transfer.bytes_in,
             bytes_out = transfer.bytes_out,
+            kernel_bytes = transfer.kernel,
             ended = %transfer.ended,
             "connection finished"
         );
@@ -100,21 +175,37 @@ impl Frontend {
 
     /// Connects to a server, retrying `retries` times. With `redispatch` each retry goes to
     /// another server when one is available; without it the same server is retried. A
-    /// failed connect counts against the server's health at once.
+    /// failed connect counts against the server's health at once. The server's place is
+    /// taken before connecting and given back when the connect fails.
     async fn connect(
         &self,
         client: SocketAddr,
-    ) -> Option<(Arc<ServerRuntime>, TcpStream, Duration)> {
+    ) -> Result<(Arc<ServerRuntime>, Reservation, TcpStream, Duration), NoServer> {
         let mut tried = Vec::new();
-        let mut index = self.pick(client, &tried)?;
+        let mut previous: Option<usize> = None;
         for attempt in 0..=self.config.retries {
-            if attempt > 0 && self.config.redispatch {
-                index = self.pick(client, &tried)?;
-            }
-            let server = self.pool.servers.get(index)?.clone();
+            let (index, reservation) = match previous {
+                Some(index) if !self.config.redispatch => {
+                    let server = self.pool.servers.get(index).ok_or(NoServer::Unavailable)?;
+                    (index, server.reserve().ok_or(NoServer::Full)?)
+                }
+                _ => self.pick(client, &tried)?,
+            };
+            previous = Some(index);
+            let server = self
+                .pool
+                .servers
+                .get(index)
+                .ok_or(NoServer::Unavailable)?
+                .clone();
             let started = Instant::now();
             match connect(server.config.addr, self.config.timeout_connect).await {
-                Ok(stream) => return Some((server, stream, started.elapsed())),
+                Ok(stream) => return Ok((server, reservation, stream, started.elapsed())),
+                // Our shortage, not the server's fault: no retry (it would fail the same
+                // way), nothing against its health, no log line per attempt.
+                Err(error) if limits::is_resource_shortage(&error) => {
+                    return Err(NoServer::Shortage);
+                }
                 Err(error) => {
                     warn!(
                         client = %client,
@@ -129,7 +220,21 @@ impl Frontend {
                 }
             }
         }
-        None
+        Err(NoServer::Unavailable)
+    }
+
+    /// Refuses a client over a limit: counted, logged (throttled), `421 4.7.0`, clean
+    /// close. No server is contacted.
+    async fn refuse_over_limit(
+        &self,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        refused: &Refused,
+    ) {
+        self.pool
+            .refusals
+            .record(&self.config.name, client_addr, refused);
+        limits::close_with_reply(client, refused.limit.reply()).await;
     }
 
     /// Writes the whole PROXY header before anything else. Postfix reads it with a single
@@ -171,8 +276,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
 }
 
 /// Tells a client no server is available, in SMTP, and closes cleanly.
-async fn refuse(mut client: TcpStream, client_addr: SocketAddr, listener: &str) {
+async fn refuse(client: TcpStream, client_addr: SocketAddr, listener: &str) {
     warn!(client = %client_addr, listener, "no server available: replied 421");
-    let _ = client.write_all(NO_SERVER_REPLY).await;
-    let _ = client.shutdown().await;
+    limits::close_with_reply(client, NO_SERVER_REPLY).await;
 }

@@ -71,6 +71,11 @@ pub fn config_with_listener_keys(
     text
 }
 
+/// Adds keys to the `[global]` section of a configuration made by [`config`].
+pub fn with_global_keys(config: &str, keys: &str) -> String {
+    config.replacen("[global]\n", &format!("[global]\n{keys}"), 1)
+}
+
 /// Adds a `[stats]` section (with an admin token, if given) to a configuration.
 pub fn with_stats(config: &str, bind: SocketAddr, admin_token: Option<&str>) -> String {
     let mut stats = format!("[stats]\nbind = \"{bind}\"\n");

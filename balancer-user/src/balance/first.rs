@@ -2,10 +2,9 @@
 //! eligible server in configuration order (lowest index) with a weight above 0, so the
 //! other servers stay idle until it is unavailable. Useful to keep few servers busy.
 //!
-//! In HAProxy a server is only "available" below its `maxconn`, so clients spill over to
-//! the next server once the first is full. mxlb has no per-server connection limit yet, so
-//! this is simply the first eligible server, always; once per-server `maxconn` exists it
-//! becomes "the first eligible server whose `sessions` are below its limit".
+//! As in HAProxy, a server is only available below its `maxconn`, so clients spill over to
+//! the next server once the first is full: [`super::pick`] offers full servers as
+//! ineligible, so "the first eligible server" is the first one below its limit.
 
 use std::net::IpAddr;
 

@@ -31,6 +31,10 @@ pub struct Candidate {
     pub backup: bool,
     /// Sessions currently open to this server (for leastconn).
     pub sessions: u32,
+    /// At its `maxconn`: up, but takes no new client until a session ends. Unlike an
+    /// ineligible server, a full one keeps its tier in use (backups are for servers that
+    /// are down, not busy).
+    pub full: bool,
 }
 
 impl Candidate {
@@ -41,6 +45,7 @@ impl Candidate {
             eligible: true,
             backup: false,
             sessions: 0,
+            full: false,
         }
     }
 }
@@ -65,14 +70,16 @@ pub fn selector_for(balance: Balance) -> Box<dyn Selector> {
 }
 
 /// Picks with `selector` among the normal servers, or among the backups when no normal
-/// server is eligible (HAProxy's behaviour with `option allbackups`).
+/// server is eligible (HAProxy's behaviour with `option allbackups`). Full servers are
+/// offered to the selector as ineligible, so every algorithm skips them; when every
+/// eligible server of the tier in use is full, there is no pick.
 pub fn pick(selector: &dyn Selector, servers: &[Candidate], client: IpAddr) -> Option<usize> {
     let usable = |c: &Candidate| c.eligible && c.weight > 0;
     let use_backups = !servers.iter().any(|c| !c.backup && usable(c));
     let tier: Vec<Candidate> = servers
         .iter()
         .map(|c| Candidate {
-            eligible: usable(c) && c.backup == use_backups,
+            eligible: usable(c) && !c.full && c.backup == use_backups,
             ..*c
         })
         .collect();
@@ -200,6 +207,41 @@ mod tests {
         let picks: Vec<_> = (0..4).map(|_| pick(&rr, &servers, CLIENT)).collect();
         assert_eq!(picks, [Some(1), Some(2), Some(1), Some(2)]);
         assert_eq!(pick(&rr, &[down], CLIENT), None);
+    }
+
+    #[test]
+    fn full_servers_are_skipped_without_falling_back_to_backups() {
+        let full = Candidate {
+            full: true,
+            ..Candidate::up()
+        };
+        let backup = Candidate {
+            backup: true,
+            ..Candidate::up()
+        };
+        for balance in ALL {
+            let selector = selector_for(balance);
+            let s = selector.as_ref();
+            assert_eq!(
+                pick(s, &[full, Candidate::up()], CLIENT),
+                Some(1),
+                "{balance:?}"
+            );
+            assert_eq!(pick(s, &[full, full, backup], CLIENT), None, "{balance:?}");
+            let full_backup = Candidate {
+                full: true,
+                ..backup
+            };
+            let down = Candidate {
+                eligible: false,
+                ..Candidate::up()
+            };
+            assert_eq!(
+                pick(s, &[down, full_backup, backup], CLIENT),
+                Some(2),
+                "{balance:?}"
+            );
+        }
     }
 
     #[test]

@@ -899,6 +899,7 @@ mod tests {
             weight: 1,
             backup: false,
             check: true,
+            maxconn: 0,
         };
         assert_eq!(
             CheckSpec::from_config(&check, &server),

@@ -9,7 +9,7 @@
 mod monitor;
 mod server;
 
-pub use server::{ServerRuntime, SessionGuard, Status};
+pub use server::{Reservation, ServerRuntime, SessionGuard, Status};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use crate::balance::Candidate;
 use crate::config::{Balance, Listener};
 use crate::health::{CheckResult, CheckSpec, Transition};
+use crate::limits::{Gauge, Refusals};
 use crate::relay::Relay;
 use crate::stats::{AdminError, AdminState, ListenerStats};
 
@@ -29,10 +30,13 @@ pub struct Pool {
     pub servers: Vec<Arc<ServerRuntime>>,
     bind: Vec<String>,
     balance: Balance,
-    sessions_cur: AtomicU64,
-    sessions_max: AtomicU64,
+    /// Clients being served, with the listener's `maxconn` as the ceiling.
+    pub sessions: Arc<Gauge>,
     sessions_total: AtomicU64,
     refused_no_server: AtomicU64,
+    /// Clients refused by a connection limit.
+    pub refusals: Refusals,
+    accept_errors: AtomicU64,
 }
 
 impl Pool {
@@ -54,10 +58,11 @@ impl Pool {
             servers,
             bind: listener.bind.iter().map(ToString::to_string).collect(),
             balance: listener.balance,
-            sessions_cur: AtomicU64::new(0),
-            sessions_max: AtomicU64::new(0),
+            sessions: Arc::new(Gauge::new(listener.maxconn)),
             sessions_total: AtomicU64::new(0),
             refused_no_server: AtomicU64::new(0),
+            refusals: Refusals::default(),
+            accept_errors: AtomicU64::new(0),
         }
     }
 
@@ -66,17 +71,20 @@ impl Pool {
         self.servers.iter().map(|s| s.candidate()).collect()
     }
 
-    /// Counts an accepted client until the returned guard drops.
-    pub fn accept(self: &Arc<Self>) -> AcceptGuard {
-        let open = self.sessions_cur.fetch_add(1, Ordering::Relaxed) + 1;
-        self.sessions_max.fetch_max(open, Ordering::Relaxed);
+    /// Counts an admitted client in the total (its place in [`Pool::sessions`] is held by
+    /// the admission).
+    pub fn count_session(&self) {
         self.sessions_total.fetch_add(1, Ordering::Relaxed);
-        AcceptGuard { pool: self.clone() }
     }
 
     /// A client was answered 421 because no server could take it.
     pub fn count_refused(&self) {
         self.refused_no_server.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An `accept` on one of the listener's sockets failed.
+    pub fn count_accept_error(&self) {
+        self.accept_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a health check result; logs results that move the server towards a state
@@ -171,12 +179,17 @@ impl Pool {
             name: self.listener.clone(),
             bind: self.bind.clone(),
             balance: self.balance.as_str().to_owned(),
-            sessions_cur: self.sessions_cur.load(Ordering::Relaxed),
-            sessions_max: self.sessions_max.load(Ordering::Relaxed),
+            sessions_cur: u64::from(self.sessions.open()),
+            sessions_max: u64::from(self.sessions.peak()),
+            sessions_limit: u64::from(self.sessions.limit()),
             sessions_total: self.sessions_total.load(Ordering::Relaxed),
             bytes_in: servers.iter().map(|s| s.bytes_in).sum(),
             bytes_out: servers.iter().map(|s| s.bytes_out).sum(),
             refused_no_server: self.refused_no_server.load(Ordering::Relaxed),
+            refused_limits: self.refusals.stats(),
+            accept_errors: self.accept_errors.load(Ordering::Relaxed),
+            // The frontend owns the per-source table and fills this in.
+            sources_tracked: 0,
             servers,
         }
     }
@@ -184,16 +197,5 @@ impl Pool {
     /// Starts one health monitor per checked server; they stop with `stop`.
     pub fn start_monitors(self: &Arc<Self>, listener: &Listener, stop: &CancellationToken) {
         monitor::start(self, listener, stop);
-    }
-}
-
-/// An accepted client, counted by its listener until dropped.
-pub struct AcceptGuard {
-    pool: Arc<Pool>,
-}
-
-impl Drop for AcceptGuard {
-    fn drop(&mut self) {
-        self.pool.sessions_cur.fetch_sub(1, Ordering::Relaxed);
     }
 }

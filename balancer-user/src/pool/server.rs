@@ -1,13 +1,14 @@
 //! One server at run time: health, the operator's admin state, open sessions and counters.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::balance::Candidate;
 use crate::config::Server;
 use crate::health::{CheckResult, CheckSpec, HealthState, Transition};
+use crate::limits::{Gauge, Slot};
 use crate::relay::{LiveTraffic, Relay, Transfer};
 use crate::stats::{AdminState, ServerStats};
 
@@ -41,12 +42,12 @@ pub struct ServerRuntime {
     admin: Mutex<AdminState>,
     /// The status last seen, since when, and the DOWN time accumulated before it.
     status: Mutex<StatusHistory>,
-    sessions: AtomicU32,
+    /// Sessions open or connecting, with the server's `maxconn` as the ceiling.
+    sessions: Arc<Gauge>,
     /// Sessions being relayed, by id, and the totals of finished ones: one lock, so a
     /// snapshot never counts a session twice or not at all.
     traffic: Mutex<TrafficBook>,
     next_session: AtomicU64,
-    sessions_max: AtomicU64,
     connect_errors: AtomicU64,
 }
 
@@ -68,6 +69,7 @@ struct TrafficBook {
 impl ServerRuntime {
     pub(super) fn new(config: Server, check: Option<CheckSpec>, rise: u32, fall: u32) -> Self {
         ServerRuntime {
+            sessions: Arc::new(Gauge::new(config.maxconn)),
             config,
             check,
             health: Mutex::new(HealthState::new(rise, fall)),
@@ -78,10 +80,8 @@ impl ServerRuntime {
                 since: Instant::now(),
                 downtime: Duration::ZERO,
             }),
-            sessions: AtomicU32::new(0),
             traffic: Mutex::new(TrafficBook::default()),
             next_session: AtomicU64::new(0),
-            sessions_max: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
         }
     }
@@ -109,9 +109,9 @@ impl ServerRuntime {
         self.admin_state() == AdminState::Ready && self.is_up()
     }
 
-    /// Sessions currently relayed to this server.
+    /// Sessions currently open (or connecting) to this server.
     pub fn sessions(&self) -> u32 {
-        self.sessions.load(Ordering::Relaxed)
+        self.sessions.open()
     }
 
     pub(super) fn candidate(&self) -> Candidate {
@@ -120,7 +120,15 @@ impl ServerRuntime {
             eligible: self.takes_clients(),
             backup: self.config.backup,
             sessions: self.sessions(),
+            full: !self.sessions.has_room(),
         }
+    }
+
+    /// A place among this server's sessions, taken before connecting so that concurrent
+    /// clients cannot overshoot its `maxconn`; `None` when it is full. Given back if the
+    /// connect fails, or with the session.
+    pub fn reserve(&self) -> Option<Reservation> {
+        self.sessions.try_acquire().map(Reservation)
     }
 
     /// Feeds a check result (or a failed client connect) into the health state.
@@ -178,16 +186,15 @@ impl ServerRuntime {
         }
     }
 
-    /// Counts a session until the returned guard is finished or dropped.
-    pub fn open_session(self: &Arc<Self>) -> SessionGuard {
-        let open = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
-        self.sessions_max
-            .fetch_max(u64::from(open), Ordering::Relaxed);
+    /// Turns a reservation into a session, counted until the returned guard is finished
+    /// or dropped.
+    pub fn open_session(self: &Arc<Self>, reservation: Reservation) -> SessionGuard {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let live = Arc::new(LiveTraffic::default());
         lock(&self.traffic).live.insert(id, live.clone());
         SessionGuard {
             server: self.clone(),
+            _slot: reservation.0,
             id,
             live,
         }
@@ -233,7 +240,8 @@ impl ServerRuntime {
             weight: self.config.weight,
             backup: self.config.backup,
             sessions_cur: u64::from(self.sessions()),
-            sessions_max: self.sessions_max.load(Ordering::Relaxed),
+            sessions_max: u64::from(self.sessions.peak()),
+            sessions_limit: u64::from(self.sessions.limit()),
             sessions_total,
             bytes_in,
             bytes_out,
@@ -249,9 +257,13 @@ impl ServerRuntime {
 /// move, added to the server's totals when it finishes.
 pub struct SessionGuard {
     server: Arc<ServerRuntime>,
+    _slot: Slot,
     id: u64,
     pub live: Arc<LiveTraffic>,
 }
+
+/// A place taken among a server's sessions before connecting to it.
+pub struct Reservation(Slot);
 
 impl SessionGuard {
     /// Moves the finished session's bytes from "live" to the totals, in one step.
@@ -267,7 +279,6 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.server.sessions.fetch_sub(1, Ordering::Relaxed);
         // Unfinished (the task was cancelled at shutdown): forget its live entry.
         lock(&self.server.traffic).live.remove(&self.id);
     }

@@ -30,6 +30,8 @@ pub enum Termination {
     ClientReset,
     /// The server reset the connection (or its socket failed).
     ServerReset,
+    /// No byte moved in either direction for `timeout_idle`; mxlb closed both sides.
+    IdleTimeout,
     /// The relay itself failed (a map operation), and closed both sides.
     Internal,
 }
@@ -40,6 +42,7 @@ impl fmt::Display for Termination {
             Termination::Closed => "closed",
             Termination::ClientReset => "client-reset",
             Termination::ServerReset => "server-reset",
+            Termination::IdleTimeout => "idle-timeout",
             Termination::Internal => "internal-error",
         })
     }
@@ -143,18 +146,23 @@ pub enum Relay {
 
 impl Relay {
     /// Chooses the relay for `mode`: `sockmap` must load, `auto` falls back with a warning.
-    pub fn start(mode: RelayMode, pin_dir: &Path, max_connections: u32) -> anyhow::Result<Relay> {
+    pub fn start(
+        mode: RelayMode,
+        pin_dir: &Path,
+        max_connections: u32,
+        max_inflight: u64,
+    ) -> anyhow::Result<Relay> {
         match mode {
             RelayMode::Userspace => {
                 info!("relay: user space (relay = \"userspace\")");
                 Ok(Relay::UserSpace)
             }
             RelayMode::Sockmap => {
-                let relay = KernelRelay::load(pin_dir, max_connections)?;
+                let relay = KernelRelay::load(pin_dir, max_connections, max_inflight)?;
                 info!("relay: kernel (sockmap)");
                 Ok(Relay::Kernel(Arc::new(relay)))
             }
-            RelayMode::Auto => match KernelRelay::load(pin_dir, max_connections) {
+            RelayMode::Auto => match KernelRelay::load(pin_dir, max_connections, max_inflight) {
                 Ok(relay) => {
                     info!("relay: kernel (sockmap), chosen by relay = \"auto\"");
                     Ok(Relay::Kernel(Arc::new(relay)))
@@ -181,10 +189,11 @@ impl Relay {
         client: TcpStream,
         server: TcpStream,
         live: &LiveTraffic,
+        timeout_idle: std::time::Duration,
     ) -> std::io::Result<Termination> {
         match self {
-            Relay::Kernel(kernel) => kernel.relay(client, server, live).await,
-            Relay::UserSpace => Ok(userspace::relay(client, server, live).await),
+            Relay::Kernel(kernel) => kernel.relay(client, server, live, timeout_idle).await,
+            Relay::UserSpace => Ok(userspace::relay(client, server, live, timeout_idle).await),
         }
     }
 }

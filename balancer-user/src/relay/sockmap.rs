@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
-use balancer_common::{HANDOVER_MAP, Handover, SOCKS_MAP, TRAFFIC_MAP, Traffic, VERDICT_PROGRAM};
+use balancer_common::{
+    EVENT_STEP_GLOBAL, EVENTS_MAP, HANDOVER_MAP, Handover, SOCKS_MAP, TRAFFIC_MAP, Traffic,
+    VERDICT_PROGRAM,
+};
 use tracing::{debug, info, warn};
 
 use super::watch::Watcher;
@@ -28,6 +31,9 @@ pub struct KernelRelay {
     pub(super) traffic: Mutex<HashMap<MapData, u64, Traffic>>,
     pub(super) handover: Mutex<HashMap<MapData, u64, Handover>>,
     pub(super) watcher: Arc<Watcher>,
+    /// Hold a direction once its peer is this many bytes behind (3/4 of `max_inflight`: one
+    /// event step of margin for bytes redirected before the hold takes effect).
+    pub(super) pause_at: u64,
     /// Fault injection for tests: a pause between the two sockhash inserts, which makes
     /// the verdict hold early bytes so the hand-over path runs (`MXLB_FAULT_PAIRING_DELAY_MS`).
     pub(super) fault_pairing_delay: Option<std::time::Duration>,
@@ -40,7 +46,11 @@ pub struct KernelRelay {
 impl KernelRelay {
     /// Loads and attaches the relay, sized for `max_connections` relayed connections. Needs a
     /// tokio runtime.
-    pub fn load(pin_dir: &Path, max_connections: u32) -> anyhow::Result<KernelRelay> {
+    pub fn load(
+        pin_dir: &Path,
+        max_connections: u32,
+        max_inflight: u64,
+    ) -> anyhow::Result<KernelRelay> {
         ensure_bpffs(pin_dir)?;
         let max_sockets = max_connections.saturating_mul(2).max(2);
         // aya-log-ebpf checks this level before formatting anything: 0 turns the program's
@@ -51,11 +61,15 @@ impl KernelRelay {
         } else {
             0
         };
+        // The verdict reports every quarter of max_inflight a socket redirects, so the daemon
+        // looks at the peer before it can fall a whole max_inflight behind.
+        let event_step: u64 = (max_inflight / 4).max(1);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(SOCKS_MAP, max_sockets)
             .map_max_entries(TRAFFIC_MAP, max_sockets)
             .map_max_entries(HANDOVER_MAP, max_sockets)
             .override_global("AYA_LOG_LEVEL", &ebpf_log_level, false)
+            .override_global(EVENT_STEP_GLOBAL, &event_step, true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         if ebpf_log_level > 0 {
@@ -76,6 +90,7 @@ impl KernelRelay {
         let socks: SockHash<MapData, u64> = take(SOCKS_MAP)?.try_into()?;
         let traffic: HashMap<MapData, u64, Traffic> = take(TRAFFIC_MAP)?.try_into()?;
         let handover: HashMap<MapData, u64, Handover> = take(HANDOVER_MAP)?.try_into()?;
+        let events: RingBuf<MapData> = take(EVENTS_MAP)?.try_into()?;
 
         let program: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROGRAM)
@@ -95,7 +110,7 @@ impl KernelRelay {
         pins.push(program_pin);
 
         info!(pin_dir = %pin_dir.display(), max_sockets, "kernel relay loaded: {VERDICT_PROGRAM} attached to {SOCKS_MAP}");
-        let watcher = Watcher::start().context("creating the relay's epoll instance")?;
+        let watcher = Watcher::start(events).context("creating the relay's epoll instance")?;
         let fault_pairing_delay = std::env::var("MXLB_FAULT_PAIRING_DELAY_MS")
             .ok()
             .and_then(|ms| ms.parse().ok())
@@ -108,6 +123,7 @@ impl KernelRelay {
         }
         Ok(KernelRelay {
             watcher,
+            pause_at: max_inflight - event_step,
             fault_pairing_delay,
             socks: Mutex::new(socks),
             traffic: Mutex::new(traffic),
@@ -152,7 +168,13 @@ fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
     if !is_bpffs(pin_dir) {
         bail!("{} is not on a bpf filesystem", pin_dir.display());
     }
-    for name in [VERDICT_PROGRAM, SOCKS_MAP, TRAFFIC_MAP, HANDOVER_MAP] {
+    for name in [
+        VERDICT_PROGRAM,
+        SOCKS_MAP,
+        TRAFFIC_MAP,
+        HANDOVER_MAP,
+        EVENTS_MAP,
+    ] {
         let stale = pin_dir.join(name);
         if stale.exists() {
             warn!(pin = %stale.display(), "removing a pin left by an earlier run");

@@ -1,7 +1,11 @@
 //! The user-space relay: a copy loop per direction, for machines without the kernel relay.
 //!
 //! Half-close is forwarded (EOF on one side shuts the other side's write half once every
-//! byte is written), as the kernel relay does; a reset on either side closes both at once.
+//! byte is written), as the kernel relay does; a reset on either side closes both at once;
+//! no byte moving in either direction for `timeout_idle` closes both.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,34 +20,51 @@ enum Failed {
     Writer,
 }
 
-/// Relays until both directions reach EOF or one side fails, counting into `live`.
+/// Relays until both directions reach EOF, one side fails, or nothing moved for
+/// `timeout_idle`, counting into `live`.
 pub async fn relay(
     mut client: TcpStream,
     mut server: TcpStream,
     live: &LiveTraffic,
+    timeout_idle: Duration,
 ) -> Termination {
     let (client_read, client_write) = client.split();
     let (server_read, server_write) = server.split();
-    {
-        let upstream = copy_then_shutdown(client_read, server_write, |n| live.add_daemon_in(n));
-        let downstream = copy_then_shutdown(server_read, client_write, |n| live.add_daemon_out(n));
-        tokio::pin!(upstream, downstream);
-        let (mut upstream_done, mut downstream_done) = (false, false);
-        loop {
-            if upstream_done && downstream_done {
-                break Termination::Closed;
-            }
-            tokio::select! {
-                result = &mut upstream, if !upstream_done => match result {
-                    Ok(()) => upstream_done = true,
-                    Err(Failed::Reader) => break Termination::ClientReset,
-                    Err(Failed::Writer) => break Termination::ServerReset,
-                },
-                result = &mut downstream, if !downstream_done => match result {
-                    Ok(()) => downstream_done = true,
-                    Err(Failed::Reader) => break Termination::ServerReset,
-                    Err(Failed::Writer) => break Termination::ClientReset,
-                },
+    // Milliseconds since `started` of the last byte moved (atomic: the future must be Send).
+    let started = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let touch = || last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let idle_since = || started + Duration::from_millis(last_activity.load(Ordering::Relaxed));
+    let upstream = copy_then_shutdown(client_read, server_write, |n| {
+        live.add_daemon_in(n);
+        touch();
+    });
+    let downstream = copy_then_shutdown(server_read, client_write, |n| {
+        live.add_daemon_out(n);
+        touch();
+    });
+    tokio::pin!(upstream, downstream);
+    let (mut upstream_done, mut downstream_done) = (false, false);
+    loop {
+        if upstream_done && downstream_done {
+            return Termination::Closed;
+        }
+        let idle_at = idle_since() + timeout_idle;
+        tokio::select! {
+            result = &mut upstream, if !upstream_done => match result {
+                Ok(()) => upstream_done = true,
+                Err(Failed::Reader) => return Termination::ClientReset,
+                Err(Failed::Writer) => return Termination::ServerReset,
+            },
+            result = &mut downstream, if !downstream_done => match result {
+                Ok(()) => downstream_done = true,
+                Err(Failed::Reader) => return Termination::ServerReset,
+                Err(Failed::Writer) => return Termination::ClientReset,
+            },
+            () = tokio::time::sleep_until(idle_at.into()) => {
+                if idle_since() + timeout_idle <= Instant::now() {
+                    return Termination::IdleTimeout;
+                }
             }
         }
     }

@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
+use aya::maps::{MapData, RingBuf};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -60,9 +61,9 @@ impl AsRawFd for EpollFd {
 }
 
 impl Watcher {
-    /// Creates the epoll instance and the task that dispatches its events. Needs a tokio
-    /// runtime.
-    pub fn start() -> io::Result<Arc<Watcher>> {
+    /// Creates the epoll instance and the tasks that dispatch its events and the verdict's
+    /// `events` ring. Needs a tokio runtime.
+    pub fn start(events: RingBuf<MapData>) -> io::Result<Arc<Watcher>> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         // SAFETY: EpollFd owns the epoll fd, and the AsyncFd owns the EpollFd for its whole
         // life, so the fd stays open and unchanged while registered.
@@ -73,6 +74,10 @@ impl Watcher {
             waiters: Mutex::new(HashMap::new()),
         });
         tokio::spawn(dispatch(watcher.clone()));
+        // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd for its life.
+        let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        tokio::spawn(dispatch_kernel_events(watcher.clone(), events));
         Ok(watcher)
     }
 
@@ -106,6 +111,14 @@ impl Watcher {
         self.lock().remove(&cookie);
     }
 
+    /// Wakes the connection that owns the socket with this cookie, if any.
+    fn notify(&self, cookie: u64) {
+        if let Some(notify) = self.lock().get(&cookie) {
+            // Stores a permit if the connection is not waiting right now.
+            notify.notify_one();
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Notify>>> {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -132,13 +145,26 @@ async fn dispatch(watcher: Arc<Watcher>) {
             if n == 0 {
                 break;
             }
-            let waiters = watcher.lock();
             for event in &events[..n] {
                 tracing::trace!(cookie = event.data(), flags = ?event.events(), "epoll event");
-                if let Some(notify) = waiters.get(&event.data()) {
-                    // Stores a permit if the connection is not waiting right now.
-                    notify.notify_one();
-                }
+                watcher.notify(event.data());
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Reads the verdict's step events ("this socket redirected another step of bytes") and
+/// wakes the connection, which then checks how far behind the peer is.
+async fn dispatch_kernel_events(watcher: Arc<Watcher>, mut ring: AsyncFd<RingBuf<MapData>>) {
+    loop {
+        let Ok(mut guard) = ring.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(record) = ring.next() {
+            if let Some(bytes) = record.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                watcher.notify(u64::from_ne_bytes(bytes));
             }
         }
         guard.clear_ready();

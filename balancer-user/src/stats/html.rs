@@ -45,7 +45,6 @@ fn page_header(snapshot: &StatsSnapshot) -> String {
     let servers = snapshot.listeners.iter().flat_map(|l| &l.servers);
     let total = servers.clone().count();
     let up = servers.filter(|s| s.status == "UP").count();
-    let sessions: u64 = snapshot.listeners.iter().map(|l| l.sessions_cur).sum();
     format!(
         r#"<header>
 <h1>mxlb <span class="version">{version}</span></h1>
@@ -53,13 +52,15 @@ fn page_header(snapshot: &StatsSnapshot) -> String {
 <div><dt>relay</dt><dd>{relay}</dd></div>
 <div><dt>uptime</dt><dd title="{uptime_exact:.0} s">{uptime}</dd></div>
 <div><dt>servers up</dt><dd>{up}/{total}</dd></div>
-<div><dt>sessions</dt><dd>{sessions}</dd></div>
+<div><dt>connections</dt><dd title="global maxconn {maxconn}">{conns}/{maxconn}</dd></div>
 </dl>
 </header>"#,
         version = escape(&snapshot.version),
         relay = escape(&snapshot.relay),
         uptime_exact = finite_or_zero(snapshot.uptime_secs),
         uptime = human_duration(snapshot.uptime_secs),
+        conns = snapshot.conns_cur,
+        maxconn = snapshot.maxconn,
     )
 }
 
@@ -93,8 +94,8 @@ fn listener_table(listener: &ListenerStats) -> String {
 
 /// Column headers, grouped as on HAProxy's page.
 const THEAD: &str = r#"<thead>
-<tr><th rowspan="2" class="left">Server</th><th rowspan="2" class="left">Address</th><th rowspan="2">Status</th><th rowspan="2" class="left">Last check</th><th rowspan="2">Weight</th><th colspan="3">Sessions</th><th colspan="2">Bytes</th><th rowspan="2" title="Share of the bytes the kernel relay moved">Kernel</th><th rowspan="2" title="Failed connection attempts">Conn. errors</th><th rowspan="2">Last change</th><th rowspan="2">Downtime</th></tr>
-<tr><th>cur</th><th>max</th><th>total</th><th>in</th><th>out</th></tr>
+<tr><th rowspan="2" class="left">Server</th><th rowspan="2" class="left">Address</th><th rowspan="2">Status</th><th rowspan="2" class="left">Last check</th><th rowspan="2">Weight</th><th colspan="4">Sessions</th><th colspan="2">Bytes</th><th rowspan="2" title="Share of the bytes the kernel relay moved">Kernel</th><th rowspan="2" title="Failed connection attempts">Conn. errors</th><th rowspan="2">Last change</th><th rowspan="2">Downtime</th></tr>
+<tr><th>cur</th><th>max</th><th title="maxconn">limit</th><th>total</th><th>in</th><th>out</th></tr>
 </thead>"#;
 
 fn server_row(listener: &ListenerStats, s: &ServerStats) -> String {
@@ -107,7 +108,7 @@ fn server_row(listener: &ListenerStats, s: &ServerStats) -> String {
     format!(
         r#"<tr id="srv-{lid}-{sid}" data-status="{status}" class="row-{class}">
 <td class="left"><b>{name}</b>{backup}</td><td class="left mono">{addr}</td><td class="status status-{class}">{status}</td>{check}<td>{weight}</td>
-<td>{cur}</td><td>{max}</td><td>{total}</td>{bytes_in}{bytes_out}{kernel}<td{err_class}>{errors}</td>
+<td>{cur}</td><td>{max}</td>{limit}<td>{total}</td>{bytes_in}{bytes_out}{kernel}<td{err_class}>{errors}</td>
 <td title="{change_exact:.0} s">{change} ago</td><td title="{down_exact:.0} s">{down}</td>
 </tr>
 "#,
@@ -120,6 +121,7 @@ fn server_row(listener: &ListenerStats, s: &ServerStats) -> String {
         weight = s.weight,
         cur = s.sessions_cur,
         max = s.sessions_max,
+        limit = limit_cell(s.sessions_limit),
         total = s.sessions_total,
         bytes_in = bytes_cell(s.bytes_in),
         bytes_out = bytes_cell(s.bytes_out),
@@ -142,21 +144,40 @@ fn server_row(listener: &ListenerStats, s: &ServerStats) -> String {
 fn totals_row(listener: &ListenerStats) -> String {
     let kernel: u64 = listener.servers.iter().map(|s| s.kernel_bytes).sum();
     let errors: u64 = listener.servers.iter().map(|s| s.connect_errors).sum();
-    let refused_class = if listener.refused_no_server > 0 {
+    let limits = &listener.refused_limits;
+    let refused_class = if listener.refused_no_server > 0 || limits.total() > 0 {
         r#" class="warn""#
     } else {
         ""
     };
+    let by_limit = limits
+        .by_reason()
+        .iter()
+        .map(|(reason, count)| format!("{reason} {count}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        r#"<tr class="totals"><th colspan="5" class="left">Total</th><td>{cur}</td><td>{max}</td><td>{total}</td>{bytes_in}{bytes_out}{kernel}<td>{errors}</td><td colspan="2"{refused_class} title="Clients answered 421 because no server could take them">refused (no server): {refused}</td></tr>"#,
+        r#"<tr class="totals"><th colspan="5" class="left">Total</th><td>{cur}</td><td>{max}</td>{limit}<td>{total}</td>{bytes_in}{bytes_out}{kernel}<td>{errors}</td><td colspan="2"{refused_class} title="Clients answered 421: no server could take them (4.3.0), or a limit was reached (4.7.0, 4.3.2: {by_limit}); {accept_errors} failed accepts">refused (no server): {refused} · (limits): {refused_limits}</td></tr>"#,
         cur = listener.sessions_cur,
         max = listener.sessions_max,
+        limit = limit_cell(listener.sessions_limit),
         total = listener.sessions_total,
         bytes_in = bytes_cell(listener.bytes_in),
         bytes_out = bytes_cell(listener.bytes_out),
         kernel = kernel_cell(kernel, listener.bytes_in.saturating_add(listener.bytes_out)),
         refused = listener.refused_no_server,
+        refused_limits = limits.total(),
+        accept_errors = listener.accept_errors,
     )
+}
+
+/// A `maxconn`; a dash for none (0).
+fn limit_cell(limit: u64) -> String {
+    if limit == 0 {
+        r#"<td class="muted" title="no limit">—</td>"#.to_owned()
+    } else {
+        format!("<td>{limit}</td>")
+    }
 }
 
 /// The last check as HAProxy words it, its detail (the server's reply or the OS error) in
@@ -331,6 +352,10 @@ mod tests {
             "<dd>kernel</dd>",
             "<dd title=\"3725 s\">1h2m</dd>",
             "<dd>2/5</dd>",
+            r#"<dd title="global maxconn 20000">2/20000</dd>"#,
+            "<td>50</td>",
+            "(limits): 19",
+            "source_conn 5, source_rate 8, resources 0); 6 failed accepts",
             "0.0.0.0:25, [::]:25",
             "<span class=\"tag\">roundrobin</span>",
             "<span class=\"tag\">backup</span>",

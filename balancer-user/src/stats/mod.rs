@@ -11,4 +11,6 @@ pub mod model;
 pub mod prometheus;
 
 pub use http::{router, serve};
-pub use model::{AdminError, AdminState, ListenerStats, ServerStats, StatsSnapshot, StatsSource};
+pub use model::{
+    AdminError, AdminState, ListenerStats, RefusedLimits, ServerStats, StatsSnapshot, StatsSource,
+};

@@ -15,6 +15,10 @@ pub struct StatsSnapshot {
     pub uptime_secs: f64,
     /// `kernel` or `userspace`.
     pub relay: String,
+    /// Client connections open now, over all listeners.
+    pub conns_cur: u64,
+    /// `global.maxconn`: the most client connections open at once.
+    pub maxconn: u64,
     pub listeners: Vec<ListenerStats>,
 }
 
@@ -26,12 +30,58 @@ pub struct ListenerStats {
     pub balance: String,
     pub sessions_cur: u64,
     pub sessions_max: u64,
+    /// The listener's `maxconn`.
+    pub sessions_limit: u64,
     pub sessions_total: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Clients answered `421 4.3.0` because no server could take them.
     pub refused_no_server: u64,
+    /// Clients answered `421 4.7.0` because a connection limit was reached (or `421 4.3.2`
+    /// when the daemon was out of descriptors), by limit. Those refused by `global`,
+    /// `listener` and the per-source limits are not counted as sessions.
+    pub refused_limits: RefusedLimits,
+    /// Failed `accept` calls (out of descriptors or memory, mostly).
+    pub accept_errors: u64,
+    /// Client sources (addresses or blocks) the per-source limits track now.
+    pub sources_tracked: u64,
     pub servers: Vec<ServerStats>,
+}
+
+/// Refused clients by the limit that refused them; the field names are the `reason` label
+/// of `mxlb_listener_refused_total`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusedLimits {
+    /// `global.maxconn`.
+    pub global: u64,
+    /// The listener's `maxconn`.
+    pub listener: u64,
+    /// Every server that is up was at its `maxconn`.
+    pub server: u64,
+    /// `max_conn_per_source`.
+    pub source_conn: u64,
+    /// `max_rate_per_source`.
+    pub source_rate: u64,
+    /// The daemon was out of descriptors or memory for the server connection.
+    pub resources: u64,
+}
+
+impl RefusedLimits {
+    /// `(reason, count)` in a fixed order.
+    pub fn by_reason(&self) -> [(&'static str, u64); 6] {
+        [
+            ("global", self.global),
+            ("listener", self.listener),
+            ("server", self.server),
+            ("source_conn", self.source_conn),
+            ("source_rate", self.source_rate),
+            ("resources", self.resources),
+        ]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.by_reason().iter().map(|(_, n)| n).sum()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -52,6 +102,8 @@ pub struct ServerStats {
     pub backup: bool,
     pub sessions_cur: u64,
     pub sessions_max: u64,
+    /// The server's `maxconn`; 0: no limit.
+    pub sessions_limit: u64,
     pub sessions_total: u64,
     /// Client-to-server bytes, finished and live sessions.
     pub bytes_in: u64,

@@ -139,6 +139,22 @@ fn encode_process(enc: &mut DescriptorEncoder, snapshot: &StatsSnapshot) -> fmt:
             ..desc("uptime", "Seconds since mxlb started")
         },
         ConstGauge::new(snapshot.uptime_secs),
+    )?;
+    write_single(
+        enc,
+        desc(
+            "connections_current",
+            "Client connections open over all listeners",
+        ),
+        gauge(snapshot.conns_cur),
+    )?;
+    write_single(
+        enc,
+        desc(
+            "connections_limit",
+            "global.maxconn: the most client connections open at once",
+        ),
+        gauge(snapshot.maxconn),
     )
 }
 
@@ -167,12 +183,56 @@ fn encode_listeners(enc: &mut DescriptorEncoder, listeners: &[ListenerStats]) ->
     write_family(
         enc,
         desc(
+            "listener_sessions_limit",
+            "The listener's maxconn: the most client sessions at once",
+        ),
+        listeners
+            .iter()
+            .map(|l| (labels(l), gauge(l.sessions_limit))),
+    )?;
+    write_family(
+        enc,
+        desc(
             "listener_refused_no_server",
             "Clients answered 421 because no server could take them",
         ),
         listeners
             .iter()
             .map(|l| (labels(l), ConstCounter::new(l.refused_no_server))),
+    )?;
+    let refused = listeners.iter().flat_map(|l| {
+        l.refused_limits.by_reason().map(|(reason, count)| {
+            let labels = [("listener", Escaped(&l.name)), ("reason", Escaped(reason))];
+            (labels, ConstCounter::new(count))
+        })
+    });
+    write_family(
+        enc,
+        desc(
+            "listener_refused",
+            "Clients answered 421 because a connection limit was reached, by limit",
+        ),
+        refused,
+    )?;
+    write_family(
+        enc,
+        desc(
+            "listener_accept_errors",
+            "Failed accepts (out of descriptors or memory, mostly)",
+        ),
+        listeners
+            .iter()
+            .map(|l| (labels(l), ConstCounter::new(l.accept_errors))),
+    )?;
+    write_family(
+        enc,
+        desc(
+            "listener_sources_tracked",
+            "Client sources (addresses or blocks) the per-source limits track",
+        ),
+        listeners
+            .iter()
+            .map(|l| (labels(l), gauge(l.sources_tracked))),
     )
 }
 
@@ -289,6 +349,15 @@ fn encode_server_sessions(enc: &mut DescriptorEncoder, listeners: &[ListenerStat
     )?;
     write_per_server(
         enc,
+        desc(
+            "server_sessions_limit",
+            "The server's maxconn; 0 means no limit",
+        ),
+        listeners,
+        |s| gauge(s.sessions_limit),
+    )?;
+    write_per_server(
+        enc,
         desc("server_sessions", "Client sessions sent to the server"),
         listeners,
         |s| ConstCounter::new(s.sessions_total),
@@ -324,6 +393,7 @@ fn encode_server_bytes(enc: &mut DescriptorEncoder, listeners: &[ListenerStats])
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::stats::RefusedLimits;
 
     /// A small snapshot shared by the stats tests: two listeners, one of them with a
     /// server in each state.
@@ -340,6 +410,7 @@ pub(crate) mod tests {
             backup: false,
             sessions_cur: 2,
             sessions_max: 7,
+            sessions_limit: 50,
             sessions_total: 123,
             bytes_in: 1_258_291,
             bytes_out: 4_096,
@@ -358,6 +429,8 @@ pub(crate) mod tests {
             version: "0.1.0".to_owned(),
             uptime_secs: 3725.25,
             relay: "kernel".to_owned(),
+            conns_cur: 2,
+            maxconn: 20000,
             listeners: vec![
                 ListenerStats {
                     name: "smtp".to_owned(),
@@ -365,10 +438,21 @@ pub(crate) mod tests {
                     balance: "roundrobin".to_owned(),
                     sessions_cur: 2,
                     sessions_max: 9,
+                    sessions_limit: 20000,
                     sessions_total: 250,
                     bytes_in: 1_262_387,
                     bytes_out: 8_192,
                     refused_no_server: 4,
+                    refused_limits: RefusedLimits {
+                        global: 1,
+                        listener: 2,
+                        server: 3,
+                        source_conn: 5,
+                        source_rate: 8,
+                        resources: 0,
+                    },
+                    accept_errors: 6,
+                    sources_tracked: 42,
                     servers: vec![server("mx1", "UP"), drain, maint, server("mx4", "DOWN")],
                 },
                 ListenerStats {
@@ -377,10 +461,14 @@ pub(crate) mod tests {
                     balance: "leastconn".to_owned(),
                     sessions_cur: 0,
                     sessions_max: 0,
+                    sessions_limit: 100,
                     sessions_total: 0,
                     bytes_in: 0,
                     bytes_out: 0,
                     refused_no_server: 0,
+                    refused_limits: RefusedLimits::default(),
+                    accept_errors: 0,
+                    sources_tracked: 0,
                     servers: vec![server("sub1", "UP")],
                 },
             ],
@@ -388,17 +476,24 @@ pub(crate) mod tests {
     }
 
     /// Every family [`render`] writes, with its OpenMetrics type.
-    const FAMILIES: [(&str, &str); 15] = [
+    const FAMILIES: [(&str, &str); 22] = [
         ("mxlb_up", "gauge"),
         ("mxlb_uptime_seconds", "gauge"),
+        ("mxlb_connections_current", "gauge"),
+        ("mxlb_connections_limit", "gauge"),
         ("mxlb_listener_sessions_current", "gauge"),
         ("mxlb_listener_sessions", "counter"),
+        ("mxlb_listener_sessions_limit", "gauge"),
         ("mxlb_listener_refused_no_server", "counter"),
+        ("mxlb_listener_refused", "counter"),
+        ("mxlb_listener_accept_errors", "counter"),
+        ("mxlb_listener_sources_tracked", "gauge"),
         ("mxlb_server_up", "gauge"),
         ("mxlb_server_status", "gauge"),
         ("mxlb_server_weight", "gauge"),
         ("mxlb_server_sessions_current", "gauge"),
         ("mxlb_server_sessions_max", "gauge"),
+        ("mxlb_server_sessions_limit", "gauge"),
         ("mxlb_server_sessions", "counter"),
         ("mxlb_server_bytes", "counter"),
         ("mxlb_server_kernel_bytes", "counter"),
@@ -432,6 +527,15 @@ pub(crate) mod tests {
             "mxlb_listener_sessions_total{listener=\"smtp\"} 250",
             "mxlb_listener_sessions_total{listener=\"submission\"} 0",
             "mxlb_listener_refused_no_server_total{listener=\"smtp\"} 4",
+            "mxlb_connections_current 2",
+            "mxlb_connections_limit 20000",
+            "mxlb_listener_sessions_limit{listener=\"smtp\"} 20000",
+            "mxlb_listener_refused_total{listener=\"smtp\",reason=\"global\"} 1",
+            "mxlb_listener_refused_total{listener=\"smtp\",reason=\"source_rate\"} 8",
+            "mxlb_listener_refused_total{listener=\"submission\",reason=\"source_conn\"} 0",
+            "mxlb_listener_accept_errors_total{listener=\"smtp\"} 6",
+            "mxlb_listener_sources_tracked{listener=\"smtp\"} 42",
+            "mxlb_server_sessions_limit{listener=\"smtp\",server=\"mx1\"} 50",
             "mxlb_server_up{listener=\"smtp\",server=\"mx1\"} 1",
             "mxlb_server_up{listener=\"smtp\",server=\"mx2\"} 0",
             "mxlb_server_status{listener=\"smtp\",server=\"mx2\",state=\"DRAIN\"} 1",

@@ -1,0 +1,182 @@
+//! Bounded memory for the kernel relay: a peer that stops reading must not let the other
+//! side pile bytes into kernel memory (as the kernel's redirect path alone would: about
+//! 1 GiB in two seconds, see ../shared/research/sockmap.md, pitfall 4). The sender is slowed
+//! by ordinary TCP flow control, and once the peer reads again every byte arrives, in order.
+//!
+//! The tests measure the system (MemAvailable) and the sender's progress; they run one at a
+//! time, since memory is a machine-wide number.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use mxlb_tests::backend::{Backend, Digest256, digest_until_eof, pattern_digest, read_line};
+use mxlb_tests::free_addr;
+use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config, pin_path};
+
+const MIB: u64 = 1 << 20;
+const PUSH: u64 = 1 << 30;
+const STALL: Duration = Duration::from_secs(8);
+/// `global.max_inflight`'s default.
+const MAX_INFLIGHT: u64 = 4 * MIB;
+
+/// Memory is a machine-wide number: one test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn mem_available() -> Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .context("no MemAvailable")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kib * 1024)
+}
+
+fn sysctl_max(name: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))?;
+    text.split_whitespace()
+        .last()
+        .context("empty sysctl")?
+        .parse()
+        .context("sysctl value")
+}
+
+/// What any TCP proxy may hold for one connection whose reader stalls: the relay's own
+/// bound plus the socket buffers the kernel grants (two receive and two send buffers on the
+/// path: sender, mxlb's two sockets, receiver).
+fn per_connection_bound() -> Result<u64> {
+    Ok(MAX_INFLIGHT + 2 * sysctl_max("tcp_rmem")? + 2 * sysctl_max("tcp_wmem")?)
+}
+
+/// Writes the 1 GiB pattern (seed 7), counting progress as it goes.
+fn push(mut stream: impl Write, progress: &AtomicU64) -> std::io::Result<Digest256> {
+    struct Counting<'a, W>(W, &'a AtomicU64);
+    impl<W: Write> Write for Counting<'_, W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = self.0.write(buf)?;
+            self.1.fetch_add(n as u64, Ordering::Relaxed);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+    }
+    mxlb_tests::backend::send_pattern(&mut Counting(&mut stream, progress), 7, PUSH)
+}
+
+fn start(test: &str, backend: SocketAddr) -> Result<Mxlb> {
+    let listen = free_addr();
+    let pins = pin_path(test);
+    let text = config(
+        RelayKind::Kernel,
+        &pins,
+        listen,
+        &[ServerEntry {
+            name: "slow",
+            addr: backend,
+            send_proxy: "v1",
+        }],
+    );
+    Mxlb::start(&text, listen, &pins)
+}
+
+/// Watches the stalled phase: the sender stops (TCP blocks it) well within the bound, and
+/// the machine's available memory drops by no more than that.
+fn check_stalled(progress: &AtomicU64, before: u64) -> Result<String> {
+    let bound = per_connection_bound()?;
+    thread::sleep(Duration::from_secs(4));
+    let sent_at_4s = progress.load(Ordering::Relaxed);
+    let used_at_4s = before.saturating_sub(mem_available()?);
+    thread::sleep(Duration::from_secs(3));
+    let sent_at_7s = progress.load(Ordering::Relaxed);
+    let used_at_7s = before.saturating_sub(mem_available()?);
+    let report = format!(
+        "sender pushed {} MiB by 4 s and {} MiB by 7 s of the stall; MemAvailable fell by {} \
+         then {} MiB; bound {} MiB (max_inflight {} MiB + socket buffers)",
+        sent_at_4s / MIB,
+        sent_at_7s / MIB,
+        used_at_4s / MIB,
+        used_at_7s / MIB,
+        bound / MIB,
+        MAX_INFLIGHT / MIB
+    );
+    eprintln!("{report}");
+    // The bytes the sender got in are exactly what the system holds for this connection (the
+    // receiver has read nothing): that is the precise measure. MemAvailable also moves with
+    // everything else on the machine, so it only has to stay far from what the unbounded
+    // redirect path would take (all of the 1 GiB).
+    ensure!(
+        sent_at_7s - sent_at_4s < MIB,
+        "the sender is not blocked: {report}"
+    );
+    ensure!(sent_at_7s <= bound, "more than the bound got in: {report}");
+    ensure!(
+        used_at_7s < PUSH / 4,
+        "memory grew as if unbounded: {report}"
+    );
+    Ok(report)
+}
+
+/// Client → server: the backend stops reading for 10 s while the client pushes 1 GiB.
+#[test]
+fn stalled_backend_bounds_memory_and_loses_nothing() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let backend = Backend::spawn(|mut stream, _| {
+        stream.write_all(b"220 slow\r\n")?;
+        thread::sleep(STALL);
+        Ok(digest_until_eof(&mut stream)?)
+    })?;
+    let mxlb = start("stall-in", backend.addr)?;
+    let mut client = TcpStream::connect(mxlb.listen)?;
+    ensure!(read_line(&mut client)? == "220 slow\r\n");
+
+    let before = mem_available()?;
+    let progress = Arc::new(AtomicU64::new(0));
+    let writer = client.try_clone()?;
+    let counter = progress.clone();
+    let sender = thread::spawn(move || -> std::io::Result<Digest256> {
+        let sent = push(&writer, &counter)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(sent)
+    });
+    check_stalled(&progress, before)?;
+
+    let sent = sender.join().expect("sender thread")?;
+    let received: Digest256 = backend.next_report(Duration::from_secs(120))?;
+    ensure!(received == sent, "every byte, in order");
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest)?;
+    Ok(())
+}
+
+/// Server → client: the client stops reading for 10 s while the server pushes 1 GiB.
+#[test]
+fn stalled_client_bounds_memory_and_loses_nothing() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let progress = Arc::new(AtomicU64::new(0));
+    let counter = progress.clone();
+    let backend = Backend::spawn(move |stream, _| {
+        let sent = push(&stream, &counter)?;
+        stream.shutdown(Shutdown::Write)?;
+        Ok(sent)
+    })?;
+    let mxlb = start("stall-out", backend.addr)?;
+    let before = mem_available()?;
+    let mut client = TcpStream::connect(mxlb.listen)?;
+    check_stalled(&progress, before)?;
+
+    let received = mxlb_tests::backend::digest_until_eof(&mut client)?;
+    let sent: Digest256 = backend.next_report(Duration::from_secs(120))?;
+    ensure!(received == sent, "every byte, in order");
+    ensure!(sent == pattern_digest(7, PUSH));
+    Ok(())
+}
