@@ -36,7 +36,7 @@ const DEFAULT_FALL: u32 = 3;
 const DEFAULT_WEIGHT: u32 = 1;
 /// HAProxy's maximum server weight.
 const MAX_WEIGHT: u32 = 256;
-const DEFAULT_MAX_INFLIGHT: u64 = 4 << 20;
+const DEFAULT_MAX_INFLIGHT: u64 = 0;
 /// A floor, so that a slip such as `"64B"` cannot throttle every relay to a crawl.
 const MIN_MAX_INFLIGHT: u64 = 64 << 10;
 const DEFAULT_RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -464,7 +464,7 @@ impl RawGlobal {
             maxconn: bounded(self.maxconn, defaults.maxconn, 1..=u32::MAX, "maxconn")?,
             grace: self.grace.map_or(defaults.grace, |grace| grace.0),
             log_format: self.log_format.unwrap_or(defaults.log_format),
-            max_inflight: at_least(
+            max_inflight: zero_or_at_least(
                 self.max_inflight,
                 defaults.max_inflight,
                 MIN_MAX_INFLIGHT,
@@ -714,7 +714,8 @@ fn prefix(value: Option<Spanned<u32>>, default: u8, bits: u8, family: &str) -> V
 }
 
 /// A size with a lower bound, such as a buffer budget that must hold at least one buffer.
-fn at_least(
+/// A size that is either 0 (the feature is off) or at least `minimum`.
+fn zero_or_at_least(
     value: Option<Spanned<HumanSize>>,
     default: u64,
     minimum: u64,
@@ -722,10 +723,10 @@ fn at_least(
 ) -> Validated<u64> {
     match value {
         None => Ok(default),
-        Some(value) if value.get_ref().0 < minimum => invalid(
+        Some(value) if value.get_ref().0 != 0 && value.get_ref().0 < minimum => invalid(
             value.span(),
             format!(
-                "{what} must be at least {}, not {} bytes",
+                "{what} must be 0 (off) or at least {}, not {} bytes",
                 HumanSize::display(minimum),
                 value.get_ref().0
             ),
@@ -1033,7 +1034,7 @@ addr = "127.0.0.1:10025"
                 maxconn: 20000,
                 grace: Duration::from_secs(30),
                 log_format: LogFormat::Text,
-                max_inflight: 4 << 20,
+                max_inflight: 0,
             },
             stats: Some(Stats {
                 bind: addr("127.0.0.1:8404"),
@@ -1107,7 +1108,7 @@ addr = "127.0.0.1:10025"
             }
         );
         assert!(!listener.source_limits.any());
-        assert_eq!(config.global.max_inflight, 4 * 1024 * 1024);
+        assert_eq!(config.global.max_inflight, 0, "off by default");
         assert_eq!(
             listener.check,
             Check {
@@ -1204,6 +1205,7 @@ addr = "127.0.0.1:10025"
             ("\"65536B\"", 65536),
             ("65536", 65536),
             ("\"64KiB\"", 64 << 10),
+            ("0", 0),
         ] {
             assert_eq!(inflight(value).expect(value), bytes, "{value}");
         }
@@ -1245,7 +1247,7 @@ addr = "127.0.0.1:10025"
         assert_error(
             &format!("[global]\nmax_inflight = \"32KiB\"\n{MINIMAL}"),
             "mxlb.toml:2:16:",
-            "max_inflight must be at least 64 KiB, not 32768 bytes",
+            "max_inflight must be 0 (off) or at least 64 KiB, not 32768 bytes",
         );
         assert_eq!(HumanSize::display(4 << 20), "4 MiB");
         assert_eq!(HumanSize::display(1000), "1000 bytes");

@@ -5,6 +5,13 @@
 //!
 //! The tests measure the system (MemAvailable) and the sender's progress; they run one at a
 //! time, since memory is a machine-wide number.
+//!
+//! They are `#[ignore]`d: the bound works (the sender is blocked within it every time), but
+//! relaying the held bytes afterwards goes through the kernel's SK_PASS ingress path, which
+//! on 6.18 delivered one 65,483-byte segment twice in about one run in three (a corrupted
+//! message), and in an earlier variant left held bytes stuck. `global.max_inflight` is
+//! therefore off by default; run these with `cargo xtask test -- --ignored` when working on
+//! it (docs/architecture.md, "Bounded memory").
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -22,7 +29,7 @@ use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config, pin_path};
 const MIB: u64 = 1 << 20;
 const PUSH: u64 = 1 << 30;
 const STALL: Duration = Duration::from_secs(8);
-/// `global.max_inflight`'s default.
+/// The bound these tests configure (`global.max_inflight`).
 const MAX_INFLIGHT: u64 = 4 * MIB;
 
 /// Memory is a machine-wide number: one test at a time.
@@ -85,7 +92,8 @@ fn start(test: &str, backend: SocketAddr) -> Result<Mxlb> {
             addr: backend,
             send_proxy: "v1",
         }],
-    );
+    )
+    .replacen("[global]\n", "[global]\nmax_inflight = \"4MiB\"\n", 1);
     Mxlb::start(&text, listen, &pins)
 }
 
@@ -128,6 +136,7 @@ fn check_stalled(progress: &AtomicU64, before: u64) -> Result<String> {
 
 /// Client → server: the backend stops reading for 10 s while the client pushes 1 GiB.
 #[test]
+#[ignore = "the SK_PASS hand-over path duplicates a segment on 6.18 now and then; see the module doc"]
 fn stalled_backend_bounds_memory_and_loses_nothing() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let backend = Backend::spawn(|mut stream, _| {
@@ -152,7 +161,10 @@ fn stalled_backend_bounds_memory_and_loses_nothing() -> Result<()> {
 
     let sent = sender.join().expect("sender thread")?;
     let received: Digest256 = backend.next_report(Duration::from_secs(120))?;
-    ensure!(received == sent, "every byte, in order");
+    ensure!(
+        received == sent,
+        "every byte, in order: sent {sent:?}, received {received:?}"
+    );
     let mut rest = Vec::new();
     client.read_to_end(&mut rest)?;
     Ok(())
@@ -160,6 +172,7 @@ fn stalled_backend_bounds_memory_and_loses_nothing() -> Result<()> {
 
 /// Server → client: the client stops reading for 10 s while the server pushes 1 GiB.
 #[test]
+#[ignore = "the SK_PASS hand-over path duplicates a segment on 6.18 now and then; see the module doc"]
 fn stalled_client_bounds_memory_and_loses_nothing() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let progress = Arc::new(AtomicU64::new(0));
@@ -179,4 +192,100 @@ fn stalled_client_bounds_memory_and_loses_nothing() -> Result<()> {
     ensure!(received == sent, "every byte, in order");
     ensure!(sent == pattern_digest(7, PUSH));
     Ok(())
+}
+
+/// 200 connections whose backends all stall while their clients push: the memory they pin
+/// together stays within 200 × the per-connection bound, and every byte arrives afterwards.
+#[test]
+#[ignore = "the SK_PASS hand-over path duplicates a segment on 6.18 now and then; see the module doc"]
+fn two_hundred_stalled_connections_stay_bounded() -> Result<()> {
+    const CONNECTIONS: usize = 200;
+    const EACH: u64 = 24 * MIB;
+    const SHORT_STALL: Duration = Duration::from_secs(5);
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let backend = Backend::spawn(|mut stream, _| {
+        stream.write_all(b"220 slow\r\n")?;
+        thread::sleep(SHORT_STALL);
+        Ok(digest_until_eof(&mut stream)?)
+    })?;
+    let listen = free_addr();
+    let pins = pin_path("stall-200");
+    let text = config(
+        RelayKind::Kernel,
+        &pins,
+        listen,
+        &[ServerEntry {
+            name: "slow",
+            addr: backend.addr,
+            send_proxy: "v1",
+        }],
+    )
+    .replacen("[global]\n", "[global]\nmax_inflight = \"4MiB\"\n", 1);
+    let mxlb = Mxlb::start(&text, listen, &pins)?;
+    let before = mem_available()?;
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    for i in 0..CONNECTIONS {
+        let progress = progress.clone();
+        senders.push(thread::spawn(move || -> Result<Digest256> {
+            let mut client = TcpStream::connect(listen)?;
+            ensure!(read_line(&mut client)? == "220 slow\r\n");
+            let sent = push_n(&client, &progress, i as u64, EACH)?;
+            client.shutdown(Shutdown::Write)?;
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest)?;
+            Ok(sent)
+        }));
+    }
+    thread::sleep(SHORT_STALL - Duration::from_secs(1));
+    let pushed = progress.load(Ordering::Relaxed);
+    let used = before.saturating_sub(mem_available()?);
+    let bound = CONNECTIONS as u64 * per_connection_bound()?;
+    let report = format!(
+        "{CONNECTIONS} stalled connections: clients pushed {} MiB in total ({} KiB each on \
+         average), MemAvailable fell by {} MiB; bound {} MiB",
+        pushed / MIB,
+        pushed / CONNECTIONS as u64 / 1024,
+        used / MIB,
+        bound / MIB
+    );
+    eprintln!("{report}");
+    ensure!(pushed <= bound, "{report}");
+    // Kernel memory per byte held is the data plus skb overhead: allow twice the bytes
+    // pushed, plus what 200 idle connections and the test itself cost.
+    ensure!(used <= 2 * pushed + 256 * MIB, "{report}");
+
+    let mut sent = Vec::new();
+    for sender in senders {
+        sent.push(sender.join().expect("sender thread")?);
+    }
+    let mut received = Vec::new();
+    for _ in 0..CONNECTIONS {
+        received.push(backend.next_report(Duration::from_secs(120))?);
+    }
+    sent.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    received.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    ensure!(sent == received, "every byte of every connection arrived");
+    drop(mxlb);
+    Ok(())
+}
+
+/// Writes `total` pattern bytes (seed `seed`), counting progress.
+fn push_n(stream: &TcpStream, progress: &AtomicU64, seed: u64, total: u64) -> Result<Digest256> {
+    struct Counting<'a>(&'a TcpStream, &'a AtomicU64);
+    impl Write for Counting<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = (&*self.0).write(buf)?;
+            self.1.fetch_add(n as u64, Ordering::Relaxed);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    Ok(mxlb_tests::backend::send_pattern(
+        &mut Counting(stream, progress),
+        seed,
+        total,
+    )?)
 }

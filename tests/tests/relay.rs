@@ -124,16 +124,9 @@ fn large_message_arrives_intact(relay: RelayKind) -> anyhow::Result<()> {
         stream.shutdown(Shutdown::Write)?;
         Ok((received, info))
     })?;
-    // A bound far above what a keeping-up backend ever lags, so this test sees the pure
-    // kernel path; the bounded-memory tests (memory.rs) use the default bound.
-    let (mxlb, idle_fds) = start_mxlb_with(
-        "large",
-        relay,
-        backend.addr,
-        "v2",
-        "max_inflight = \"256MiB\"\n",
-        &[],
-    )?;
+    // The default configuration: no max_inflight bound (memory.rs has those tests), so
+    // this shows the pure kernel path.
+    let (mxlb, idle_fds) = start_mxlb("large", relay, backend.addr, "v2")?;
 
     let mut client = TcpStream::connect(mxlb.listen)?;
     assert_eq!(read_line(&mut client)?, "220 sink ready\r\n");

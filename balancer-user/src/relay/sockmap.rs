@@ -63,7 +63,8 @@ impl KernelRelay {
         };
         // The verdict reports every quarter of max_inflight a socket redirects, so the daemon
         // looks at the peer before it can fall a whole max_inflight behind.
-        let event_step: u64 = (max_inflight / 4).max(1);
+        // 0 turns the bound off: no events, no holding.
+        let event_step: u64 = max_inflight / 4;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(SOCKS_MAP, max_sockets)
             .map_max_entries(TRAFFIC_MAP, max_sockets)
@@ -123,7 +124,11 @@ impl KernelRelay {
         }
         Ok(KernelRelay {
             watcher,
-            pause_at: max_inflight - event_step,
+            pause_at: if max_inflight == 0 {
+                u64::MAX
+            } else {
+                max_inflight - event_step
+            },
             fault_pairing_delay,
             socks: Mutex::new(socks),
             traffic: Mutex::new(traffic),
