@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use mxlb_tests::free_addr;
-use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path};
+use mxlb_tests::mxlb::http::get_json;
+use mxlb_tests::mxlb::{
+    Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path, with_stats,
+};
 use mxlb_tests::postfix::{PostfixInstance, SmtpdService};
 use mxlb_tests::swaks::Swaks;
 
@@ -293,11 +296,17 @@ fn failed_checks_are_classified_and_clients_get_421() -> Result<()> {
             send_proxy: "none",
         },
     ];
-    let mxlb = start_mxlb(
-        "classify",
+    let listen = free_addr();
+    let stats_addr = free_addr();
+    let pins = pin_path("classify");
+    let text = config_with_listener_keys(
+        RelayKind::Kernel,
+        &pins,
+        listen,
         &servers,
         &check_keys(INTER, Duration::from_millis(300)),
-    )?;
+    );
+    let mxlb = Mxlb::start(&with_stats(&text, stats_addr, None), listen, &pins)?;
     for (server, status) in [
         ("busy", "L7STS/421"),
         ("silent", "L7TOUT"),
@@ -313,6 +322,15 @@ fn failed_checks_are_classified_and_clients_get_421() -> Result<()> {
             lines[0].contains(status),
             "{server}: expected {status} in {:?}",
             lines[0]
+        );
+        // The stats say the same, in the same words.
+        let stats = get_json(&format!("http://{stats_addr}/api/stats"))?;
+        let shown = mxlb_tests::mxlb::http::server(&stats, "smtp", server)?;
+        ensure!(shown["status"] == "DOWN", "{shown}");
+        let check = shown["check_status"].as_str().unwrap_or_default();
+        ensure!(
+            check.starts_with(status),
+            "{server}: stats show {check:?}, expected {status}"
         );
     }
 
