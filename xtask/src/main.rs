@@ -51,8 +51,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The side-by-side benchmark (not implemented yet)
-    Bench,
+    /// Set up, build (release), then the side-by-side benchmark against HAProxy, NGINX and
+    /// direct; writes docs/benchmarks.{md,json,svg}
+    Bench {
+        /// One round with a tenth of the messages: a smoke test (under 2 minutes)
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,7 +68,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build::run(release),
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::run(&args),
-        Task::Bench => bench::run(),
+        Task::Bench { quick } => bench::run(quick),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

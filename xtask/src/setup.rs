@@ -85,11 +85,12 @@ fn step_failed(step: &str, by_hand: &str) -> impl FnOnce(anyhow::Error) -> anyho
 
 // --- 1. apt packages -----------------------------------------------------------------------
 
-fn missing_apt_packages() -> Result<Vec<&'static str>> {
+/// The packages of `packages` that dpkg does not list as installed.
+pub(crate) fn missing_packages(packages: &[&'static str]) -> Result<Vec<&'static str>> {
     let out = cmd::output(
         Command::new("dpkg-query")
             .args(["-W", "-f=${Package}\t${Status}\n"])
-            .args(APT_PACKAGES),
+            .args(packages),
     )
     .context("setup step `apt packages`: dpkg-query is needed (this is a Debian machine?)")?;
     // dpkg-query exits 1 when some package is unknown; the lines it did print still count.
@@ -100,7 +101,7 @@ fn missing_apt_packages() -> Result<Vec<&'static str>> {
         .filter(|(_, status)| status.trim() == "install ok installed")
         .map(|(pkg, _)| pkg.split(':').next().unwrap_or(pkg))
         .collect();
-    Ok(APT_PACKAGES
+    Ok(packages
         .iter()
         .copied()
         .filter(|p| !installed.contains(p))
@@ -140,17 +141,22 @@ fn apt_update() -> Result<()> {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing = missing_apt_packages()?;
+    install_missing("apt packages", APT_PACKAGES)
+}
+
+/// Installs whichever of `packages` are missing (as root), the way `setup` does.
+pub(crate) fn install_missing(step: &str, packages: &[&'static str]) -> Result<()> {
+    let missing = missing_packages(packages)?;
     if missing.is_empty() {
-        println!("✓ apt packages: {}", APT_PACKAGES.join(" "));
+        println!("✓ {step}: {}", packages.join(" "));
         return Ok(());
     }
     let by_hand = format!(
         "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {}",
         missing.join(" ")
     );
-    require_root("apt packages", &by_hand)?;
-    println!("→ installing apt packages: {} …", missing.join(" "));
+    require_root(step, &by_hand)?;
+    println!("→ installing {step}: {} …", missing.join(" "));
     (|| -> Result<()> {
         if missing.contains(&"postfix") {
             // Without this, postfix's install asks what kind of mail server to configure.
@@ -187,14 +193,14 @@ fn apt_packages() -> Result<()> {
             apt_update()?;
             install()?;
         }
-        let still = missing_apt_packages()?;
+        let still = missing_packages(packages)?;
         if !still.is_empty() {
             bail!("still not installed after apt-get: {}", still.join(" "));
         }
         Ok(())
     })()
-    .map_err(step_failed("apt packages", &by_hand))?;
-    println!("✓ apt packages: {}", APT_PACKAGES.join(" "));
+    .map_err(step_failed(step, &by_hand))?;
+    println!("✓ {step}: {}", packages.join(" "));
     Ok(())
 }
 
