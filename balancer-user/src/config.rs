@@ -37,6 +37,9 @@ const DEFAULT_WEIGHT: u32 = 1;
 /// HAProxy's maximum server weight.
 const MAX_WEIGHT: u32 = 256;
 const DEFAULT_MAX_INFLIGHT: u64 = 0;
+/// Measured with `cargo xtask bench` (docs/benchmarks.md): pairing costs more than it saves
+/// for a session of a few KiB, and pays off for bulk.
+const DEFAULT_KERNEL_RELAY_AFTER: u64 = 32 << 10;
 /// A floor, so that a slip such as `"64B"` cannot throttle every relay to a crawl.
 const MIN_MAX_INFLIGHT: u64 = 64 << 10;
 const DEFAULT_RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -68,8 +71,12 @@ pub struct Global {
     pub grace: Duration,
     pub log_format: LogFormat,
     /// Most bytes of one direction of a relayed connection that may wait between the two
-    /// sockets for a slow receiver before the sender is held; at least 64 KiB.
+    /// sockets for a slow receiver before the sender is held; 0 (the default) is off,
+    /// otherwise at least 64 KiB.
     pub max_inflight: u64,
+    /// With the kernel relay: bytes a connection relays in user space before its sockets are
+    /// paired in the kernel. Short sessions never pay for pairing; 0 pairs at once.
+    pub kernel_relay_after: u64,
 }
 
 impl Default for Global {
@@ -81,6 +88,7 @@ impl Default for Global {
             grace: DEFAULT_GRACE,
             log_format: LogFormat::Text,
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            kernel_relay_after: DEFAULT_KERNEL_RELAY_AFTER,
         }
     }
 }
@@ -453,6 +461,7 @@ struct RawGlobal {
     grace: Option<HumanDuration>,
     log_format: Option<LogFormat>,
     max_inflight: Option<Spanned<HumanSize>>,
+    kernel_relay_after: Option<Spanned<HumanSize>>,
 }
 
 impl RawGlobal {
@@ -470,6 +479,9 @@ impl RawGlobal {
                 MIN_MAX_INFLIGHT,
                 "max_inflight",
             )?,
+            kernel_relay_after: self
+                .kernel_relay_after
+                .map_or(defaults.kernel_relay_after, |size| size.into_inner().0),
         })
     }
 }
@@ -1035,6 +1047,7 @@ addr = "127.0.0.1:10025"
                 grace: Duration::from_secs(30),
                 log_format: LogFormat::Text,
                 max_inflight: 0,
+                kernel_relay_after: 32 << 10,
             },
             stats: Some(Stats {
                 bind: addr("127.0.0.1:8404"),

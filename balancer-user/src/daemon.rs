@@ -45,6 +45,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.global.pin_path,
         config.global.maxconn,
         config.global.max_inflight,
+        config.global.kernel_relay_after,
     )?;
     let stop = CancellationToken::new();
     let sessions = TaskTracker::new();

@@ -13,7 +13,12 @@ use anyhow::{Context, bail};
 /// Which relay a test runs the daemon with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RelayKind {
+    /// The kernel relay, pairing every connection at once (`kernel_relay_after = 0`): the
+    /// kernel path under test for every byte.
     Kernel,
+    /// The kernel relay with its default policy: user space first, the kernel once a
+    /// connection has moved `kernel_relay_after` bytes.
+    Adaptive,
     UserSpace,
 }
 
@@ -22,8 +27,21 @@ impl RelayKind {
     /// the kernel relay must load, and a test must fail rather than fall back.
     pub fn config_value(self) -> &'static str {
         match self {
-            RelayKind::Kernel => "sockmap",
+            RelayKind::Kernel | RelayKind::Adaptive => "sockmap",
             RelayKind::UserSpace => "userspace",
+        }
+    }
+
+    /// Whether the kernel relay (and its maps) is in use.
+    pub fn is_kernel(self) -> bool {
+        self != RelayKind::UserSpace
+    }
+
+    /// Extra `[global]` keys for this kind.
+    fn global_keys(self) -> &'static str {
+        match self {
+            RelayKind::Kernel => "kernel_relay_after = 0\n",
+            RelayKind::Adaptive | RelayKind::UserSpace => "",
         }
     }
 }
@@ -56,10 +74,11 @@ pub fn config_with_listener_keys(
     listener_keys: &str,
 ) -> String {
     let mut text = format!(
-        "[global]\npin_path = \"{}\"\nrelay = \"{}\"\ngrace = \"2s\"\n\n\
+        "[global]\npin_path = \"{}\"\nrelay = \"{}\"\ngrace = \"2s\"\n{}\n\
          [[listen]]\nname = \"smtp\"\nbind = [\"{listen}\"]\ntimeout_connect = \"2s\"\n",
         pin_path.display(),
-        relay.config_value()
+        relay.config_value(),
+        relay.global_keys()
     );
     text.push_str(listener_keys);
     for server in servers {

@@ -650,7 +650,7 @@ fn burst_of_silent_connections() -> Result<()> {
     // One connection per address is all the burst needs: the per-source table sees 5,000
     // sources and refuses none of them.
     let text = format!(
-        "[global]\npin_path = \"{pins}\"\nrelay = \"sockmap\"\nmaxconn = 20000\ngrace = \"2s\"\n\n\
+        "[global]\npin_path = \"{pins}\"\nrelay = \"sockmap\"\nkernel_relay_after = 0\nmaxconn = 20000\ngrace = \"2s\"\n\n\
          [stats]\nbind = \"{stats}\"\n\n\
          [[listen]]\nname = \"burst\"\nbind = \"{listen}\"\nmax_conn_per_source = 1\n\n\
          [[listen.server]]\nname = \"hold\"\naddr = \"{hold}\"\n\n\

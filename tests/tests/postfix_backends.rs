@@ -73,13 +73,13 @@ fn deliver_through_mxlb(relay: RelayKind, clients: std::ops::RangeInclusive<u8>)
             delivery.backend
         );
         let relay_field = match relay {
-            RelayKind::Kernel => "relay=kernel",
+            RelayKind::Kernel | RelayKind::Adaptive => "relay=kernel",
             RelayKind::UserSpace => "relay=userspace",
         };
         ensure!(line.contains(relay_field), "{line}");
         ensure!(line.contains("ended=closed"), "{line}");
     }
-    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)?;
+    mxlb.wait_until_clean(idle_fds, relay.is_kernel())?;
     let status = mxlb.stop()?;
     ensure!(status.success(), "mxlb exited with {status}");
     ensure!(!pins.exists(), "pins left behind at {}", pins.display());

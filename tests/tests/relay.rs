@@ -28,6 +28,10 @@ macro_rules! for_both_relays {
                 super::$name(RelayKind::Kernel)
             }
             #[test]
+            fn adaptive() -> anyhow::Result<()> {
+                super::$name(RelayKind::Adaptive)
+            }
+            #[test]
             fn userspace() -> anyhow::Result<()> {
                 super::$name(RelayKind::UserSpace)
             }
@@ -80,7 +84,7 @@ fn start_mxlb_with(
     let text = text.replacen("[global]\n", &format!("[global]\n{global_keys}"), 1);
     let mxlb = Mxlb::start_with_env(&text, listen, &pins, env)?;
     let expected = match relay {
-        RelayKind::Kernel => "relay: kernel",
+        RelayKind::Kernel | RelayKind::Adaptive => "relay: kernel",
         RelayKind::UserSpace => "relay: user space",
     };
     ensure!(
@@ -134,7 +138,7 @@ fn large_message_arrives_intact(relay: RelayKind) -> anyhow::Result<()> {
     let started = Instant::now();
     // Two halves with different seeds; the backend digests them as one stream.
     send_pattern(&mut client, 1, MESSAGE / 2)?;
-    if relay == RelayKind::Kernel {
+    if relay.is_kernel() {
         // Halfway through, the kernel's own counters show the bytes took the kernel path.
         let entries = mxlb.map_entries("mxlb_traffic")?;
         let redirected = entries.iter().map(|e| e.u64_field(0)).max().unwrap_or(0);
@@ -185,7 +189,7 @@ fn large_message_arrives_intact(relay: RelayKind) -> anyhow::Result<()> {
         share * 100.0,
         kernel_share * 100.0
     );
-    if relay == RelayKind::Kernel {
+    if relay.is_kernel() {
         // The bytes did not pass through the daemon: the kernel's own counters say so, and
         // the daemon's CPU stays a small fraction of the transfer.
         assert!(
@@ -200,7 +204,7 @@ fn large_message_arrives_intact(relay: RelayKind) -> anyhow::Result<()> {
         assert_eq!(kernel_bytes, 0, "{line}");
     }
     drop(client);
-    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+    mxlb.wait_until_clean(idle_fds, relay.is_kernel())
 }
 
 /// Digest of pattern seed 1 then pattern seed 3, `half` bytes each, as one stream.
@@ -273,7 +277,7 @@ fn server_half_closes_first(relay: RelayKind) -> anyhow::Result<()> {
     let line = finished_line(&mxlb, client.local_addr()?)?;
     assert!(line.contains("ended=closed"), "{line}");
     drop(client);
-    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+    mxlb.wait_until_clean(idle_fds, relay.is_kernel())
 }
 
 fn client_reset_closes_both_sides(relay: RelayKind) -> anyhow::Result<()> {
@@ -303,7 +307,7 @@ fn client_reset_closes_both_sides(relay: RelayKind) -> anyhow::Result<()> {
     let _ = clean_eof; // a FIN or a reset both end the server's session
     let line = finished_line(&mxlb, client_addr)?;
     assert!(line.contains("ended=client-reset"), "{line}");
-    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+    mxlb.wait_until_clean(idle_fds, relay.is_kernel())
 }
 
 fn server_reset_closes_both_sides(relay: RelayKind) -> anyhow::Result<()> {
@@ -336,7 +340,7 @@ fn server_reset_closes_both_sides(relay: RelayKind) -> anyhow::Result<()> {
     let line = finished_line(&mxlb, client.local_addr().context("client address")?)?;
     assert!(line.contains("ended=server-reset"), "{line}");
     drop(client);
-    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+    mxlb.wait_until_clean(idle_fds, relay.is_kernel())
 }
 
 fn server_closing_after_banner_loses_nothing(relay: RelayKind) -> anyhow::Result<()> {
@@ -357,7 +361,7 @@ fn server_closing_after_banner_loses_nothing(relay: RelayKind) -> anyhow::Result
         backend.next_report(REPORT_TIMEOUT)?;
     }
     mxlb.wait_for_log_count("connection finished", 20, REPORT_TIMEOUT)?;
-    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+    mxlb.wait_until_clean(idle_fds, relay.is_kernel())
 }
 
 /// A client that sends before the server's banner (an SMTP "early talker", or pipelining)
@@ -399,7 +403,7 @@ fn client_talking_first_is_handed_over_in_order(relay: RelayKind) -> anyhow::Res
         format!("220 late banner\r\n250 {}\r\n", sent.sha256)
     );
 
-    if relay == RelayKind::Kernel {
+    if relay.is_kernel() {
         let handed_over = mxlb.wait_for_log_count("held bytes handed over", 1, REPORT_TIMEOUT)?;
         assert!(
             !handed_over[0].contains("held_in=0 "),
@@ -417,7 +421,7 @@ fn client_talking_first_is_handed_over_in_order(relay: RelayKind) -> anyhow::Res
     let line = finished_line(&mxlb, client.local_addr()?)?;
     assert!(line.contains(&format!("bytes_in={EARLY}")), "{line}");
     drop(client);
-    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+    mxlb.wait_until_clean(idle_fds, relay.is_kernel())
 }
 
 /// A writer that sends at most 64 KiB per 10 ms.
@@ -480,7 +484,7 @@ fn silent_client_is_closed_at_the_idle_timeout(relay: RelayKind) -> anyhow::Resu
     let line = finished_line(&mxlb, client.local_addr()?)?;
     assert!(line.contains("ended=idle-timeout"), "{line}");
     drop(client);
-    mxlb.wait_until_clean(idle_fds, relay == RelayKind::Kernel)
+    mxlb.wait_until_clean(idle_fds, relay.is_kernel())
 }
 
 /// A server that never answers the SYN (its accept queue is full): the connect gives up at

@@ -151,6 +151,7 @@ impl Relay {
         pin_dir: &Path,
         max_connections: u32,
         max_inflight: u64,
+        relay_after: u64,
     ) -> anyhow::Result<Relay> {
         match mode {
             RelayMode::Userspace => {
@@ -158,20 +159,24 @@ impl Relay {
                 Ok(Relay::UserSpace)
             }
             RelayMode::Sockmap => {
-                let relay = KernelRelay::load(pin_dir, max_connections, max_inflight)?;
+                let relay = KernelRelay::load(pin_dir, max_connections, max_inflight, relay_after)?;
                 info!("relay: kernel (sockmap)");
                 Ok(Relay::Kernel(Arc::new(relay)))
             }
-            RelayMode::Auto => match KernelRelay::load(pin_dir, max_connections, max_inflight) {
-                Ok(relay) => {
-                    info!("relay: kernel (sockmap), chosen by relay = \"auto\"");
-                    Ok(Relay::Kernel(Arc::new(relay)))
+            RelayMode::Auto => {
+                match KernelRelay::load(pin_dir, max_connections, max_inflight, relay_after) {
+                    Ok(relay) => {
+                        info!("relay: kernel (sockmap), chosen by relay = \"auto\"");
+                        Ok(Relay::Kernel(Arc::new(relay)))
+                    }
+                    Err(error) => {
+                        warn!(
+                            "relay: user space, because the kernel relay could not load: {error:#}"
+                        );
+                        Ok(Relay::UserSpace)
+                    }
                 }
-                Err(error) => {
-                    warn!("relay: user space, because the kernel relay could not load: {error:#}");
-                    Ok(Relay::UserSpace)
-                }
-            },
+            }
         }
     }
 
@@ -192,6 +197,17 @@ impl Relay {
         timeout_idle: std::time::Duration,
     ) -> std::io::Result<Termination> {
         match self {
+            Relay::Kernel(kernel) if kernel.relay_after > 0 => {
+                let phase =
+                    userspace::relay_until(client, server, live, timeout_idle, kernel.relay_after)
+                        .await;
+                match phase {
+                    userspace::Phase::Finished(ended) => Ok(ended),
+                    userspace::Phase::HandOff(client, server) => {
+                        kernel.relay(client, server, live, timeout_idle).await
+                    }
+                }
+            }
             Relay::Kernel(kernel) => kernel.relay(client, server, live, timeout_idle).await,
             Relay::UserSpace => Ok(userspace::relay(client, server, live, timeout_idle).await),
         }

@@ -34,6 +34,8 @@ pub struct KernelRelay {
     /// Hold a direction once its peer is this many bytes behind (3/4 of `max_inflight`: one
     /// event step of margin for bytes redirected before the hold takes effect).
     pub(super) pause_at: u64,
+    /// Bytes a connection relays in user space before its sockets are paired.
+    pub(super) relay_after: u64,
     /// Fault injection for tests: a pause between the two sockhash inserts, which makes
     /// the verdict hold early bytes so the hand-over path runs (`MXLB_FAULT_PAIRING_DELAY_MS`).
     pub(super) fault_pairing_delay: Option<std::time::Duration>,
@@ -50,6 +52,7 @@ impl KernelRelay {
         pin_dir: &Path,
         max_connections: u32,
         max_inflight: u64,
+        relay_after: u64,
     ) -> anyhow::Result<KernelRelay> {
         ensure_bpffs(pin_dir)?;
         let max_sockets = max_connections.saturating_mul(2).max(2);
@@ -129,6 +132,7 @@ impl KernelRelay {
             } else {
                 max_inflight - event_step
             },
+            relay_after,
             fault_pairing_delay,
             socks: Mutex::new(socks),
             traffic: Mutex::new(traffic),

@@ -89,3 +89,104 @@ async fn copy_then_shutdown(
         count(n as u64);
     }
 }
+
+/// How the user-space phase of an adaptive relay ended.
+pub enum Phase {
+    /// The connection ended before it grew long enough for the kernel.
+    Finished(Termination),
+    /// `threshold` bytes relayed, both directions open, nothing buffered in the daemon: the
+    /// sockets go to the kernel relay.
+    HandOff(TcpStream, TcpStream),
+}
+
+/// Relays in user space until `threshold` bytes moved (then hands the sockets back at a
+/// clean boundary: every byte read has been written), or until the connection ends.
+///
+/// One task, one direction at a time: a chunk is read and written whole before the next
+/// read, so there is never a partial chunk to carry over. Before the threshold a session
+/// is small, so a write into the peer never has to wait long.
+pub async fn relay_until(
+    client: TcpStream,
+    server: TcpStream,
+    live: &LiveTraffic,
+    timeout_idle: Duration,
+    threshold: u64,
+) -> Phase {
+    let mut buffer = vec![0; BUFFER];
+    let mut moved = 0u64;
+    let (mut client_open, mut server_open) = (true, true);
+    let mut idle_at = Instant::now() + timeout_idle;
+    loop {
+        if !client_open && !server_open {
+            return Phase::Finished(Termination::Closed);
+        }
+        if client_open && server_open && moved >= threshold {
+            return Phase::HandOff(client, server);
+        }
+        let from_client = tokio::select! {
+            ready = client.readable(), if client_open => match ready {
+                Ok(()) => true,
+                Err(_) => return Phase::Finished(Termination::ClientReset),
+            },
+            ready = server.readable(), if server_open => match ready {
+                Ok(()) => false,
+                Err(_) => return Phase::Finished(Termination::ServerReset),
+            },
+            () = tokio::time::sleep_until(idle_at.into()) => {
+                return Phase::Finished(Termination::IdleTimeout);
+            }
+        };
+        let (from, to, failed_from, failed_to) = if from_client {
+            (
+                &client,
+                &server,
+                Termination::ClientReset,
+                Termination::ServerReset,
+            )
+        } else {
+            (
+                &server,
+                &client,
+                Termination::ServerReset,
+                Termination::ClientReset,
+            )
+        };
+        let n = match from.try_read(&mut buffer) {
+            Ok(n) => n,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Phase::Finished(failed_from),
+        };
+        if n == 0 {
+            // Half-close: forward it and stay in user space for the rest (short anyway).
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            if from_client {
+                client_open = false;
+            } else {
+                server_open = false;
+            }
+            continue;
+        }
+        if write_all(to, &buffer[..n]).await.is_err() {
+            return Phase::Finished(failed_to);
+        }
+        if from_client {
+            live.add_daemon_in(n as u64);
+        } else {
+            live.add_daemon_out(n as u64);
+        }
+        moved += n as u64;
+        idle_at = Instant::now() + timeout_idle;
+    }
+}
+
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        to.writable().await?;
+        match to.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}

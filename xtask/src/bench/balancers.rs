@@ -17,15 +17,19 @@ pub enum Balancer {
     Direct,
     Haproxy,
     Nginx,
+    /// mxlb with its default policy: user space first, the kernel after 32 KiB.
+    MxlbAdaptive,
+    /// mxlb pairing every connection in the kernel at once (`kernel_relay_after = 0`).
     MxlbKernel,
     MxlbUser,
 }
 
 impl Balancer {
-    pub const ALL: [Balancer; 5] = [
+    pub const ALL: [Balancer; 6] = [
         Balancer::Direct,
         Balancer::Haproxy,
         Balancer::Nginx,
+        Balancer::MxlbAdaptive,
         Balancer::MxlbKernel,
         Balancer::MxlbUser,
     ];
@@ -36,6 +40,7 @@ impl Balancer {
             Balancer::Direct => "direct",
             Balancer::Haproxy => "haproxy",
             Balancer::Nginx => "nginx",
+            Balancer::MxlbAdaptive => "mxlb-default",
             Balancer::MxlbKernel => "mxlb-sockmap",
             Balancer::MxlbUser => "mxlb-userspace",
         }
@@ -46,7 +51,8 @@ impl Balancer {
             Balancer::Direct => "direct (no balancer)",
             Balancer::Haproxy => "HAProxy (mode tcp)",
             Balancer::Nginx => "NGINX (stream)",
-            Balancer::MxlbKernel => "mxlb, kernel relay (sockmap)",
+            Balancer::MxlbAdaptive => "mxlb, default (kernel after 32 KiB)",
+            Balancer::MxlbKernel => "mxlb, kernel relay at once",
             Balancer::MxlbUser => "mxlb, user-space relay",
         }
     }
@@ -147,15 +153,15 @@ pub fn start(
                 .arg(&cfg);
             c
         }
-        Balancer::MxlbKernel | Balancer::MxlbUser => {
-            let relay = if balancer == Balancer::MxlbKernel {
-                "sockmap"
-            } else {
-                "userspace"
+        Balancer::MxlbAdaptive | Balancer::MxlbKernel | Balancer::MxlbUser => {
+            let (relay, extra) = match balancer {
+                Balancer::MxlbKernel => ("sockmap", "kernel_relay_after = 0\n"),
+                Balancer::MxlbAdaptive => ("sockmap", ""),
+                _ => ("userspace", ""),
             };
             let pin = format!("/sys/fs/bpf/mxlb-bench-{}", std::process::id());
             let cfg = sub.join("mxlb.toml");
-            fs::write(&cfg, mxlb_config(relay, &pin, listen, &[a, b]))?;
+            fs::write(&cfg, mxlb_config(relay, extra, &pin, listen, &[a, b]))?;
             let mut c = Command::new(mxlb);
             // Warnings only: one log line per connection would be work the others skip.
             c.arg("run")
@@ -246,9 +252,15 @@ stream {{
 }
 
 /// tests/src/mxlb.rs's configuration format, `send_proxy = "none"`.
-fn mxlb_config(relay: &str, pin: &str, bind: SocketAddr, servers: &[SocketAddr]) -> String {
+fn mxlb_config(
+    relay: &str,
+    extra_global: &str,
+    pin: &str,
+    bind: SocketAddr,
+    servers: &[SocketAddr],
+) -> String {
     let mut text = format!(
-        "[global]\npin_path = \"{pin}\"\nrelay = \"{relay}\"\ngrace = \"2s\"\n\n\
+        "[global]\npin_path = \"{pin}\"\nrelay = \"{relay}\"\ngrace = \"2s\"\n{extra_global}\n\
          [[listen]]\nname = \"smtp\"\nbind = [\"{bind}\"]\ntimeout_connect = \"2s\"\n"
     );
     for (i, addr) in servers.iter().enumerate() {

@@ -365,7 +365,9 @@ fn json(run: &Run, m: &Machine) -> String {
 /// Two panels (msgs/s, CPU s per 10k msgs), a group of bars per workload, median bars with
 /// a min–max whisker.
 fn svg(run: &Run) -> String {
-    const COLORS: [&str; 5] = ["#888888", "#4e79a7", "#59a14f", "#e15759", "#f28e2b"];
+    const COLORS: [&str; 6] = [
+        "#888888", "#4e79a7", "#59a14f", "#b07aa1", "#e15759", "#f28e2b",
+    ];
     const PANEL_W: f64 = 440.0;
     const PANEL_H: f64 = 260.0;
     const TOP: f64 = 50.0;
