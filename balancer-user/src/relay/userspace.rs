@@ -115,7 +115,11 @@ pub async fn relay_until(
     let mut buffer = vec![0; BUFFER];
     let mut moved = 0u64;
     let (mut client_open, mut server_open) = (true, true);
-    let mut idle_at = Instant::now() + timeout_idle;
+    // One timer for the whole phase, re-armed only when it fires: moving it on every chunk
+    // would cost a timer-wheel update per chunk.
+    let mut last_activity = Instant::now();
+    let idle = tokio::time::sleep(timeout_idle);
+    tokio::pin!(idle);
     loop {
         if !client_open && !server_open {
             return Phase::Finished(Termination::Closed);
@@ -132,8 +136,13 @@ pub async fn relay_until(
                 Ok(()) => false,
                 Err(_) => return Phase::Finished(Termination::ServerReset),
             },
-            () = tokio::time::sleep_until(idle_at.into()) => {
-                return Phase::Finished(Termination::IdleTimeout);
+            () = &mut idle => {
+                let deadline = last_activity + timeout_idle;
+                if deadline <= Instant::now() {
+                    return Phase::Finished(Termination::IdleTimeout);
+                }
+                idle.as_mut().reset(deadline.into());
+                continue;
             }
         };
         let (from, to, failed_from, failed_to) = if from_client {
@@ -175,7 +184,7 @@ pub async fn relay_until(
             live.add_daemon_out(n as u64);
         }
         moved += n as u64;
-        idle_at = Instant::now() + timeout_idle;
+        last_activity = Instant::now();
     }
 }
 
