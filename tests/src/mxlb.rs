@@ -443,3 +443,28 @@ pub mod http {
             .with_context(|| format!("no server {listener}/{name}"))
     }
 }
+
+/// The usual mail setup: one Postfix instance with two smtpd services that require the
+/// PROXY protocol (`mail1`, `mail2`), and the mxlb server entries for them (mail1 gets a
+/// v1 header, mail2 v2).
+pub fn two_proxy_backends()
+-> anyhow::Result<(crate::postfix::PostfixInstance, [ServerEntry<'static>; 2])> {
+    use crate::postfix::{PostfixInstance, SmtpdService};
+    let postfix = PostfixInstance::start(&[
+        SmtpdService::with_proxy("mail1", crate::free_addr()),
+        SmtpdService::with_proxy("mail2", crate::free_addr()),
+    ])?;
+    let servers = [
+        ServerEntry {
+            name: "mail1",
+            addr: postfix.services()[0].addr,
+            send_proxy: "v1",
+        },
+        ServerEntry {
+            name: "mail2",
+            addr: postfix.services()[1].addr,
+            send_proxy: "v2",
+        },
+    ];
+    Ok((postfix, servers))
+}

@@ -12,9 +12,9 @@ use anyhow::{Context, Result, ensure};
 use mxlb_tests::free_addr;
 use mxlb_tests::mxlb::http::get_json;
 use mxlb_tests::mxlb::{
-    Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path, with_stats,
+    Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path, two_proxy_backends,
+    with_stats,
 };
-use mxlb_tests::postfix::{PostfixInstance, SmtpdService};
 use mxlb_tests::swaks::Swaks;
 
 /// Fast checks so the tests run in seconds: every interval is 200 ms, two checks either way.
@@ -88,22 +88,7 @@ fn mail_stream(server: SocketAddr, stop: Arc<AtomicBool>) -> thread::JoinHandle<
 /// the return within rise checks, and mail flows to the server again.
 #[test]
 fn failover_loses_no_mail_and_the_server_comes_back() -> Result<()> {
-    let mut postfix = PostfixInstance::start(&[
-        SmtpdService::with_proxy("mail1", free_addr()),
-        SmtpdService::with_proxy("mail2", free_addr()),
-    ])?;
-    let servers = [
-        ServerEntry {
-            name: "mail1",
-            addr: postfix.services()[0].addr,
-            send_proxy: "v1",
-        },
-        ServerEntry {
-            name: "mail2",
-            addr: postfix.services()[1].addr,
-            send_proxy: "v2",
-        },
-    ];
+    let (mut postfix, servers) = two_proxy_backends()?;
     let mxlb = start_mxlb("failover", &servers, &check_keys(INTER, CHECK_TIMEOUT))?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -183,22 +168,7 @@ fn failover_loses_no_mail_and_the_server_comes_back() -> Result<()> {
 /// the other) logs clean EHLO … QUIT sessions from the balancer and no warning at all.
 #[test]
 fn checks_leave_postfix_logs_clean() -> Result<()> {
-    let postfix = PostfixInstance::start(&[
-        SmtpdService::with_proxy("mail1", free_addr()),
-        SmtpdService::with_proxy("mail2", free_addr()),
-    ])?;
-    let servers = [
-        ServerEntry {
-            name: "mail1",
-            addr: postfix.services()[0].addr,
-            send_proxy: "v1",
-        },
-        ServerEntry {
-            name: "mail2",
-            addr: postfix.services()[1].addr,
-            send_proxy: "v2",
-        },
-    ];
+    let (postfix, servers) = two_proxy_backends()?;
     let _mxlb = start_mxlb(
         "cleanlog",
         &servers,

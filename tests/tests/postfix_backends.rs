@@ -10,8 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use mxlb_tests::delivery::send_round_robin;
 use mxlb_tests::free_addr;
-use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config, pin_path};
-use mxlb_tests::postfix::{PostfixInstance, SmtpdService};
+use mxlb_tests::mxlb::{Mxlb, RelayKind, config, pin_path, two_proxy_backends};
 
 #[test]
 fn kernel_relay_delivers_round_robin_with_client_addresses() -> Result<()> {
@@ -24,29 +23,10 @@ fn userspace_relay_delivers_round_robin_with_client_addresses() -> Result<()> {
 }
 
 fn deliver_through_mxlb(relay: RelayKind, clients: std::ops::RangeInclusive<u8>) -> Result<()> {
-    let postfix = PostfixInstance::start(&[
-        SmtpdService::with_proxy("mail1", free_addr()),
-        SmtpdService::with_proxy("mail2", free_addr()),
-    ])?;
+    let (postfix, servers) = two_proxy_backends()?;
     let listen = free_addr();
     let pins = pin_path(&format!("postfix-{relay:?}"));
-    let text = config(
-        relay,
-        &pins,
-        listen,
-        &[
-            ServerEntry {
-                name: "mail1",
-                addr: postfix.services()[0].addr,
-                send_proxy: "v1",
-            },
-            ServerEntry {
-                name: "mail2",
-                addr: postfix.services()[1].addr,
-                send_proxy: "v2",
-            },
-        ],
-    );
+    let text = config(relay, &pins, listen, &servers);
     let mxlb = Mxlb::start(&text, listen, &pins)?;
     let idle_fds = mxlb.fd_count()?;
 
