@@ -209,3 +209,40 @@ pub fn reset(stream: TcpStream) {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A backend that reads the PROXY header, greets with `banner`, holds the session until the
+/// client closes its side, then answers `farewell` (possibly empty). Counts the connections
+/// it accepted (health-check connections included).
+pub struct HoldingBackend {
+    pub addr: SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HoldingBackend {
+    pub fn start(banner: String, farewell: &'static [u8]) -> anyhow::Result<HoldingBackend> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let banner = banner.clone();
+                thread::spawn(move || {
+                    if read_proxy_header(&mut stream).is_ok() {
+                        let _ = stream.write_all(banner.as_bytes());
+                        let _ = io::copy(&mut stream, &mut io::sink());
+                        let _ = stream.write_all(farewell);
+                    }
+                });
+            }
+        });
+        Ok(HoldingBackend { addr, accepted })
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

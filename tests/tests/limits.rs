@@ -9,13 +9,13 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use mxlb_tests::backend::{read_line, read_proxy_header};
+use mxlb_tests::backend::{HoldingBackend, read_line};
 use mxlb_tests::mxlb::http::{get, get_json, server};
 use mxlb_tests::mxlb::{
     Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path, with_global_keys, with_stats,
@@ -27,36 +27,9 @@ use mxlb_tests::{free_addr, wait_for_listen, wait_until};
 /// For every single network step of these tests; generous, never reached when all is well.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A backend that greets with `220 <name>` after the PROXY header and holds each session
-/// until the client closes. Counts the connections it got.
-struct HoldingBackend {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-}
-
-impl HoldingBackend {
-    fn start(name: &'static str) -> Result<HoldingBackend> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?;
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        thread::spawn(move || {
-            for mut stream in listener.incoming().flatten() {
-                counter.fetch_add(1, Ordering::SeqCst);
-                thread::spawn(move || {
-                    if read_proxy_header(&mut stream).is_ok() {
-                        let _ = stream.write_all(format!("220 {name}\r\n").as_bytes());
-                        let _ = std::io::copy(&mut stream, &mut std::io::sink());
-                    }
-                });
-            }
-        });
-        Ok(HoldingBackend { addr, accepted })
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
+/// A backend that greets with `220 <name>` and holds each session until the client closes.
+fn holding(name: &str) -> Result<HoldingBackend> {
+    HoldingBackend::start(format!("220 {name}\r\n"), b"")
 }
 
 /// A connection from `source`, any address of 127.0.0.0/8.
@@ -226,7 +199,7 @@ fn start(
 
 #[test]
 fn per_source_connection_limit() -> Result<()> {
-    let backend = HoldingBackend::start("one")?;
+    let backend = holding("one")?;
     let keys = "max_conn_per_source = 3\n";
     let (mxlb, base) = start(
         RelayKind::Kernel,
@@ -279,7 +252,7 @@ fn per_source_connection_limit() -> Result<()> {
 
 #[test]
 fn per_source_rate_limit() -> Result<()> {
-    let backend = HoldingBackend::start("one")?;
+    let backend = holding("one")?;
     let keys = "max_rate_per_source = 3\nrate_window = \"1h\"\n";
     let (mxlb, base) = start(
         RelayKind::UserSpace,
@@ -327,7 +300,7 @@ fn per_source_rate_limit() -> Result<()> {
 /// listener's limit, the second client of `other` (the daemon's fourth) the global one.
 #[test]
 fn listener_and_global_maxconn() -> Result<()> {
-    let backend = HoldingBackend::start("one")?;
+    let backend = holding("one")?;
     let other_listen = free_addr();
     let other = format!(
         "\n[[listen]]\nname = \"other\"\nbind = \"{other_listen}\"\n\n\
@@ -399,8 +372,8 @@ fn listener_and_global_maxconn() -> Result<()> {
 /// to `two`, then are refused; a place freed on `one` takes the next client there again.
 #[test]
 fn server_maxconn_spills_over_then_refuses() -> Result<()> {
-    let one = HoldingBackend::start("one")?;
-    let two = HoldingBackend::start("two")?;
+    let one = holding("one")?;
+    let two = holding("two")?;
     let (mxlb, base) = start(
         RelayKind::Kernel,
         "server",
@@ -481,7 +454,7 @@ fn set_fd_limit(pid: u32, limit: u64) -> Result<()> {
 /// listener, and once the clients are gone it serves again and has given everything back.
 #[test]
 fn out_of_descriptors_then_recovers() -> Result<()> {
-    let backend = HoldingBackend::start("one")?;
+    let backend = holding("one")?;
     let (mxlb, base) = start(
         RelayKind::Kernel,
         "emfile",

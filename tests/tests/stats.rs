@@ -3,15 +3,15 @@
 //! an admin API that refuses requests without the token.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use mxlb_tests::backend::{Backend, Digest256, digest_until_eof, read_line, send_pattern};
+use mxlb_tests::backend::{
+    Backend, Digest256, HoldingBackend, digest_until_eof, read_line, send_pattern,
+};
 use mxlb_tests::free_addr;
 use mxlb_tests::mxlb::http::{get, get_json, post_json, server};
 use mxlb_tests::mxlb::{
@@ -197,25 +197,9 @@ fn relay_name(relay: RelayKind) -> &'static str {
 }
 
 /// A backend that keeps each session open until the client closes, and counts sessions.
-fn holding_backend() -> Result<(SocketAddr, Arc<AtomicUsize>)> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let sessions = Arc::new(AtomicUsize::new(0));
-    let counter = sessions.clone();
-    thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            counter.fetch_add(1, Ordering::SeqCst);
-            thread::spawn(move || {
-                let mut stream = stream;
-                let _ = mxlb_tests::backend::read_proxy_header(&mut stream);
-                let _ = stream.write_all(BANNER);
-                let mut sink = Vec::new();
-                let _ = stream.read_to_end(&mut sink);
-                let _ = stream.write_all(REPLY);
-            });
-        }
-    });
-    Ok((addr, sessions))
+fn holding_backend() -> Result<(SocketAddr, HoldingBackend)> {
+    let backend = HoldingBackend::start(String::from_utf8_lossy(BANNER).into_owned(), REPLY)?;
+    Ok((backend.addr, backend))
 }
 
 fn mxlb_cli(args: &[&str]) -> Result<mxlb_tests::CommandOutput> {
@@ -345,17 +329,14 @@ fn drain_maint_and_admin_token() -> Result<()> {
     let maint = post_json(&url, Some(TOKEN), &serde_json::json!({"state": "maint"}))?;
     ensure!(maint.0 == 200, "{maint:?}");
     thread::sleep(Duration::from_millis(300));
-    let (one_before, two_before) = (
-        one_connections.load(Ordering::SeqCst),
-        two_connections.load(Ordering::SeqCst),
-    );
+    let (one_before, two_before) = (one_connections.accepted(), two_connections.accepted());
     thread::sleep(Duration::from_millis(600));
     ensure!(
-        one_connections.load(Ordering::SeqCst) == one_before,
+        one_connections.accepted() == one_before,
         "no checks of a server in maintenance"
     );
     ensure!(
-        two_connections.load(Ordering::SeqCst) > two_before,
+        two_connections.accepted() > two_before,
         "the other server is still checked"
     );
     let stats = get_json(&format!("{base}/api/stats"))?;
