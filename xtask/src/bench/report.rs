@@ -93,15 +93,24 @@ fn machine() -> Machine {
     }
 }
 
+/// Writes the report: into docs/ for a full run; a `--quick` smoke run (CI) writes into
+/// target/bench-quick/ so it never replaces the published numbers.
 pub fn write(run: &Run) -> Result<()> {
-    let docs = cmd::workspace_root().join("docs");
+    let root = cmd::workspace_root();
+    let out = if run.quick {
+        root.join("target/bench-quick")
+    } else {
+        root.join("docs")
+    };
+    fs::create_dir_all(&out)?;
     let machine = machine();
     let md = markdown(run, &machine);
-    fs::write(docs.join("benchmarks.md"), md)?;
-    fs::write(docs.join("benchmarks.json"), json(run, &machine))?;
-    fs::write(docs.join("benchmarks.svg"), svg(run))?;
+    fs::write(out.join("benchmarks.md"), md)?;
+    fs::write(out.join("benchmarks.json"), json(run, &machine))?;
+    fs::write(out.join("benchmarks.svg"), svg(run))?;
     println!(
-        "bench: wrote docs/benchmarks.md, docs/benchmarks.json, docs/benchmarks.svg ({:.0} s in all)",
+        "bench: wrote benchmarks.md, benchmarks.json, benchmarks.svg in {} ({:.0} s in all)",
+        out.display(),
         run.elapsed_s
     );
     Ok(())
