@@ -77,6 +77,21 @@ pub struct Global {
     /// With the kernel relay: bytes a connection relays in user space before its sockets are
     /// paired in the kernel. Short sessions never pay for pairing; 0 pairs at once.
     pub kernel_relay_after: u64,
+    /// Threads that run the daemon; 0 (the default) picks one per CPU but one, at least
+    /// one: the kernel relay's own work runs in softirq on every CPU, and on the 2-CPU
+    /// machines measured, one thread beat two (docs/benchmarks.md).
+    pub threads: u32,
+}
+
+impl Global {
+    /// The number of daemon threads `threads` asks for on this machine.
+    pub fn daemon_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads as usize;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        cpus.saturating_sub(1).max(1)
+    }
 }
 
 impl Default for Global {
@@ -89,6 +104,7 @@ impl Default for Global {
             log_format: LogFormat::Text,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             kernel_relay_after: DEFAULT_KERNEL_RELAY_AFTER,
+            threads: 0,
         }
     }
 }
@@ -462,6 +478,7 @@ struct RawGlobal {
     log_format: Option<LogFormat>,
     max_inflight: Option<Spanned<HumanSize>>,
     kernel_relay_after: Option<Spanned<HumanSize>>,
+    threads: Option<Spanned<u32>>,
 }
 
 impl RawGlobal {
@@ -482,6 +499,7 @@ impl RawGlobal {
             kernel_relay_after: self
                 .kernel_relay_after
                 .map_or(defaults.kernel_relay_after, |size| size.into_inner().0),
+            threads: bounded(self.threads, defaults.threads, 0..=1024, "threads")?,
         })
     }
 }
@@ -1048,6 +1066,7 @@ addr = "127.0.0.1:10025"
                 log_format: LogFormat::Text,
                 max_inflight: 0,
                 kernel_relay_after: 32 << 10,
+                threads: 0,
             },
             stats: Some(Stats {
                 bind: addr("127.0.0.1:8404"),

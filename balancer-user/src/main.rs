@@ -150,7 +150,7 @@ fn main() -> ExitCode {
 
 fn run_daemon(config: Config, demo: bool) -> ExitCode {
     mxlb::logging::init(config.global.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(config.global.daemon_threads()) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("mxlb: starting the runtime: {error}");
@@ -177,5 +177,20 @@ fn run_daemon(config: Config, demo: bool) -> ExitCode {
             eprintln!("mxlb: {error:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
+    }
+}
+
+/// The daemon's runtime: one thread runs everything without cross-thread wake-ups (what
+/// won on 2 CPUs); more threads share the connections through tokio's scheduler.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
     }
 }
