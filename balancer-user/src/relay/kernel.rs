@@ -302,20 +302,26 @@ impl KernelRelay {
     /// The daemon's part of one direction: keep the peer from falling too far behind,
     /// move held bytes, notice EOF.
     fn forward(&self, from: &mut Side, to: &mut Side, live: &LiveTraffic) -> Result<(), Abort> {
-        from.redirected = self.traffic(from.cookie).redirected;
-        let behind = self.peer_behind(from, to);
-        if !from.paused && behind > self.pause_at {
-            // The redirect path has no backpressure: stop it before the peer's queue grows
-            // past max_inflight. From here the verdict holds, the sender's window closes.
-            self.publish(from, true)?;
-            debug!(side = ?from.role, behind, "peer behind: holding this direction");
-        }
-        let held_outstanding = self.traffic(from.cookie).held > from.forwarded;
-        if behind > 0 && (from.paused || held_outstanding) {
-            // Held bytes may only follow once every redirected byte is in the peer's
-            // socket, or they would overtake them.
-            from.wait_on_peer();
-            return Ok(());
+        let traffic = self.traffic(from.cookie);
+        from.redirected = traffic.redirected;
+        let held_outstanding = traffic.held > from.forwarded;
+        let bounded = self.pause_at != u64::MAX;
+        // Where the peer stands costs two syscalls: only ask when it can matter.
+        if bounded || from.paused || held_outstanding {
+            let behind = self.peer_behind(from, to);
+            if bounded && !from.paused && behind > self.pause_at {
+                // The redirect path has no backpressure: stop it before the peer's queue
+                // grows past max_inflight. From here the verdict holds, the sender's window
+                // closes.
+                self.publish(from, true)?;
+                debug!(side = ?from.role, behind, "peer behind: holding this direction");
+            }
+            if behind > 0 && (from.paused || held_outstanding) {
+                // Held bytes may only follow once every redirected byte is in the peer's
+                // socket, or they would overtake them.
+                from.wait_on_peer();
+                return Ok(());
+            }
         }
         self.flush_pending(from, to)?;
         if !from.pending.is_empty() {
