@@ -96,7 +96,7 @@ pub fn run(quick: bool) -> Result<()> {
         );
         background_cpus.push(background);
         for workload in Workload::ALL {
-            let messages = workload.messages() / divisor;
+            let messages = (workload.messages() / divisor).max(2);
             for k in 0..balancers.len() {
                 let balancer = balancers[(k + round) % balancers.len()];
                 let sample = measure_one(

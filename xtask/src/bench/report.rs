@@ -189,8 +189,8 @@ fn markdown(run: &Run, m: &Machine) -> String {
             md,
             "### Workload {} — {messages} messages of {} bytes, {} sessions in parallel\n",
             workload.label(),
-            workloads::MESSAGE_BYTES,
-            workloads::SESSIONS
+            workload.message_bytes(),
+            workload.sessions()
         );
         let _ = writeln!(
             md,
@@ -244,9 +244,10 @@ fn markdown(run: &Run, m: &Machine) -> String {
   the two backends share its CPUs.
 - Backends: two Postfix `smtp-sink` processes (`smtp-sink -u nobody -h sinkN.bench.test
   127.0.0.1:PORT 1024`), started once and used by every balancer.
-- Client: Postfix `smtp-source`, {sessions} sessions in parallel, {bytes}-byte messages.
-  smtp-source disconnects after every message unless given `-d` (smtp-source(1)), so
-  workload 1 runs without `-d` and workload 2 with it. For **direct**, two smtp-source
+- Client: Postfix `smtp-source`, {sessions} sessions in parallel, {bytes}-byte messages
+  (workload 3: 2 sessions, 50 MiB messages). smtp-source disconnects after every message
+  unless given `-d` (smtp-source(1)), so workload 1 runs without `-d`, workloads 2 and 3
+  with it. For **direct**, two smtp-source
   processes run together, each with half the sessions and half the messages, one per
   backend. The client command lines of the first round (ports vary):
 ",

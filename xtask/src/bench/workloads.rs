@@ -20,18 +20,42 @@ pub enum Workload {
     SessionPerMessage,
     /// Many messages per session (`-d`).
     ManyPerSession,
+    /// Bulk: 50 MiB messages, one after the other over one session per backend.
+    Bulk,
 }
 
 pub const SESSIONS: u32 = 20;
 pub const MESSAGE_BYTES: u32 = 2048;
+pub const BULK_BYTES: u32 = 50 << 20;
 
 impl Workload {
-    pub const ALL: [Workload; 2] = [Workload::SessionPerMessage, Workload::ManyPerSession];
+    pub const ALL: [Workload; 3] = [
+        Workload::SessionPerMessage,
+        Workload::ManyPerSession,
+        Workload::Bulk,
+    ];
+
+    /// Sessions in parallel (split over the backends in the direct case).
+    pub fn sessions(self) -> u32 {
+        match self {
+            Workload::Bulk => 2,
+            _ => SESSIONS,
+        }
+    }
+
+    /// Bytes per message.
+    pub fn message_bytes(self) -> u32 {
+        match self {
+            Workload::Bulk => BULK_BYTES,
+            _ => MESSAGE_BYTES,
+        }
+    }
 
     pub fn id(self) -> &'static str {
         match self {
             Workload::SessionPerMessage => "w1-session-per-message",
             Workload::ManyPerSession => "w2-many-per-session",
+            Workload::Bulk => "w3-bulk",
         }
     }
 
@@ -39,6 +63,7 @@ impl Workload {
         match self {
             Workload::SessionPerMessage => "1: one session per message",
             Workload::ManyPerSession => "2: many messages per session (-d)",
+            Workload::Bulk => "3: bulk, 50 MiB messages (-d)",
         }
     }
 
@@ -47,6 +72,7 @@ impl Workload {
         match self {
             Workload::SessionPerMessage => 10_000,
             Workload::ManyPerSession => 20_000,
+            Workload::Bulk => 40,
         }
     }
 }
@@ -54,12 +80,12 @@ impl Workload {
 /// The smtp-source command for `messages` messages over `sessions` parallel sessions.
 pub fn command(workload: Workload, target: SocketAddr, sessions: u32, messages: u32) -> Command {
     let mut c = Command::new(tools::SMTP_SOURCE);
-    if workload == Workload::ManyPerSession {
+    if workload != Workload::SessionPerMessage {
         c.arg("-d");
     }
     c.args(["-s", &sessions.to_string()])
         .args(["-m", &messages.to_string()])
-        .args(["-l", &MESSAGE_BYTES.to_string()])
+        .args(["-l", &workload.message_bytes().to_string()])
         .args(["-M", "bench.test"])
         .arg(target.to_string());
     c
@@ -79,7 +105,8 @@ pub fn run(
     let mut children: Vec<(Child, String)> = Vec::new();
     let start = Instant::now();
     for (i, target) in targets.iter().enumerate() {
-        let mut c = command(workload, *target, SESSIONS / n, messages / n);
+        let sessions = (workload.sessions() / n).max(1);
+        let mut c = command(workload, *target, sessions, (messages / n).max(1));
         let line = crate::cmd::display(&c);
         let log = dir.join(format!("smtp-source-{i}.log"));
         let file = fs::File::create(&log)?;
