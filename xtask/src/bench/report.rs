@@ -372,8 +372,9 @@ fn json(run: &Run, m: &Machine) -> String {
     j
 }
 
-/// Two panels (msgs/s, CPU s per 10k msgs), a group of bars per workload, median bars with
-/// a min–max whisker.
+/// Two panels (msgs/s, CPU per message), a group of bars per workload, median bars with a
+/// min–max whisker, each as a ratio to HAProxy's median in the same workload: the workloads
+/// differ by orders of magnitude, ratios put them on one axis.
 fn svg(run: &Run) -> String {
     const COLORS: [&str; 6] = [
         "#888888", "#4e79a7", "#59a14f", "#b07aa1", "#e15759", "#f28e2b",
@@ -392,17 +393,30 @@ fn svg(run: &Run) -> String {
     );
     type Metric = fn(&Summary) -> Stat;
     let panels: [(&str, Metric); 2] = [
-        ("messages per second (higher is better)", |x| x.rate),
-        ("CPU seconds per 10k messages (lower is better)", |x| x.cpu),
+        ("messages/s vs HAProxy (higher is better)", |x| x.rate),
+        ("CPU per message vs HAProxy (lower is better)", |x| x.cpu),
     ];
     for (p, (title, metric)) in panels.iter().enumerate() {
         let x0 = LEFT + p as f64 * (PANEL_W + LEFT + 20.0);
         let stats: Vec<Vec<Option<Stat>>> = Workload::ALL
             .iter()
             .map(|w| {
+                let reference = summary(run, *w, Balancer::Haproxy)
+                    .map(|x| metric(&x).median)
+                    .filter(|m| *m > 0.0)
+                    .unwrap_or(1.0);
                 run.balancers
                     .iter()
-                    .map(|b| summary(run, *w, *b).map(|x| metric(&x)))
+                    .map(|b| {
+                        summary(run, *w, *b).map(|x| {
+                            let st = metric(&x);
+                            Stat {
+                                median: st.median / reference,
+                                min: st.min / reference,
+                                max: st.max / reference,
+                            }
+                        })
+                    })
                     .collect()
             })
             .collect();
@@ -424,11 +438,7 @@ fn svg(run: &Run) -> String {
         // Axis with 4 ticks.
         for t in 0..=4 {
             let v = top / 4.0 * f64::from(t);
-            let label = if top > 100.0 {
-                format!("{v:.0}")
-            } else {
-                format!("{v:.1}")
-            };
+            let label = format!("{v:.2}×");
             let _ = writeln!(
                 s,
                 "<line x1=\"{x0}\" x2=\"{x1}\" y1=\"{ly:.1}\" y2=\"{ly:.1}\" stroke=\"#ddd\"/>\
