@@ -68,15 +68,17 @@ pub fn render_table(snapshot: &StatsSnapshot) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "mxlb {} — relay {} — up {}",
+        "mxlb {} — relay {} — up {} — connections {}/{}",
         snapshot.version,
         snapshot.relay,
-        humantime::format_duration(Duration::from_secs(snapshot.uptime_secs as u64))
+        humantime::format_duration(Duration::from_secs(snapshot.uptime_secs as u64)),
+        snapshot.conns_cur,
+        snapshot.maxconn
     );
     for listener in &snapshot.listeners {
         let _ = writeln!(
             out,
-            "\nlistener {} ({}, {}): sessions {}/{}/{} (cur/max/total), in {} out {}, refused {}",
+            "\nlistener {} ({}, {}): sessions {}/{}/{} (cur/max/total), in {} out {}, no server {}",
             listener.name,
             listener.bind.join(" "),
             listener.balance,
@@ -87,6 +89,16 @@ pub fn render_table(snapshot: &StatsSnapshot) -> String {
             listener.bytes_out,
             listener.refused_no_server
         );
+        let limits: Vec<String> = listener
+            .refused_limits
+            .by_reason()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        if !limits.is_empty() {
+            let _ = writeln!(out, "  refused over limits: {}", limits.join(", "));
+        }
         let _ = writeln!(
             out,
             "  {:<16} {:<22} {:<6} {:<26} {:>6} {:>14} {:>12} {:>12} {:>6}",

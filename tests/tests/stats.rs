@@ -128,6 +128,21 @@ fn exact_counts(relay: RelayKind) -> Result<()> {
         "{listener}"
     );
 
+    // The same table in the terminal.
+    let table = mxlb_cli(&["status", "--stats", &base])?;
+    ensure!(table.status.success(), "{}", table.output);
+    for (name, sent) in [("one", sizes[0] + sizes[2]), ("two", sizes[1] + sizes[3])] {
+        let row = table
+            .output
+            .lines()
+            .find(|line| line.trim_start().starts_with(name))
+            .with_context(|| format!("no row for {name} in:\n{}", table.output))?;
+        ensure!(
+            row.contains(" UP ") && row.contains(&format!(" {sent} ")),
+            "{name}: {row}"
+        );
+    }
+
     // The same numbers through a real Prometheus text parser.
     let (status, metrics) = get(&format!("{base}/metrics"))?;
     ensure!(status == 200);
