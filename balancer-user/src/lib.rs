@@ -29,3 +29,5 @@ pub mod relay;
 pub mod session;
 pub mod sockopt;
 pub mod stats;
+#[cfg(test)]
+mod test_support;

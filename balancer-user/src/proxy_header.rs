@@ -887,21 +887,7 @@ mod tests {
         assert_eq!(parse(&bytes), Ok(Some((ProxyHeader::Local, MAX_V2_LEN))));
     }
 
-    /// A cheap deterministic generator (xorshift) so the test needs no extra crate.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            usize::try_from(self.next() % bound as u64).unwrap_or(0)
-        }
-    }
+    use crate::test_support::XorShift;
 
     /// The parser never panics, answers consistently (a complete header's length never
     /// exceeds the input) and agrees that the prefix of an accepted header is incomplete.

@@ -478,21 +478,7 @@ mod tests {
         assert!(bare.is_positive());
     }
 
-    /// A cheap deterministic generator (xorshift), so the test needs no extra crate.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            usize::try_from(self.next() % bound as u64).unwrap_or(0)
-        }
-    }
+    use crate::test_support::XorShift;
 
     fn mutate(bytes: &mut Vec<u8>, rng: &mut XorShift) {
         const INTERESTING: [u8; 12] = [
