@@ -1,27 +1,30 @@
 //! Names and `#[repr(C)]` types shared by mxlb's eBPF program (`balancer-ebpf`) and its
 //! daemon (`balancer-user`).
 //!
-//! The kernel relay keeps three maps, each keyed by a socket's cookie
-//! (`SO_COOKIE`, unique for the lifetime of the host):
+//! The kernel relay keeps these maps, each keyed by a socket's cookie (`SO_COOKIE`, unique
+//! for the lifetime of the host):
 //!
 //! | map | kind | written by | holds |
 //! |---|---|---|---|
-//! | [`SOCKS_MAP`] | `SOCKHASH` | daemon | the *peer* socket of the keyed socket |
-//! | [`TRAFFIC_MAP`] | `HASH` | eBPF verdict | [`Traffic`]: bytes redirected / held |
-//! | [`HANDOVER_MAP`] | `HASH` | daemon | [`Handover`]: held bytes user space forwarded |
+//! | [`SOCKS_MAP`] | `SOCKHASH`, verdict attached | daemon | the keyed socket itself, while the kernel relays what it receives |
+//! | [`PEERS_MAP`] | `SOCKHASH`, no program | daemon | the keyed socket's *peer*: where the verdict sends its bytes |
+//! | [`TRAFFIC_MAP`] | `HASH` | eBPF verdict | [`Traffic`]: bytes redirected / passed |
 //!
-//! The two `HASH` maps are split by writer on purpose: a user-space map update replaces the
-//! whole value, so a value both sides wrote would lose the other side's increments.
+//! Two socket maps because they answer two questions. A socket in [`SOCKS_MAP`] has the
+//! verdict on its receive path; a socket in [`PEERS_MAP`] can be sent to. Taking a socket out
+//! of the first stops the kernel from reading it (its bytes wait in its own receive queue,
+//! and TCP flow control slows the sender) while its peer can still send to it: that is how
+//! the daemon pauses one direction without losing a byte of the other.
 #![no_std]
 
 /// The stream verdict program, as `bpftool prog show` names it.
 pub const VERDICT_PROGRAM: &str = "mxlb_verdict";
-/// SOCKHASH: socket cookie -> the peer socket the verdict redirects to.
+/// SOCKHASH with the verdict attached: socket cookie -> that socket.
 pub const SOCKS_MAP: &str = "mxlb_socks";
+/// SOCKHASH without programs: socket cookie -> the peer socket the verdict redirects to.
+pub const PEERS_MAP: &str = "mxlb_peers";
 /// HASH: socket cookie -> [`Traffic`], counted by the verdict program.
 pub const TRAFFIC_MAP: &str = "mxlb_traffic";
-/// HASH: socket cookie -> [`Handover`], written by the daemon.
-pub const HANDOVER_MAP: &str = "mxlb_handover";
 /// RINGBUF of [`Event`]s: "this socket's redirected bytes crossed another step".
 pub const EVENTS_MAP: &str = "mxlb_events";
 /// The program global (patched at load) holding the event step in bytes.
@@ -32,34 +35,14 @@ pub const EVENT_STEP_GLOBAL: &str = "MXLB_EVENT_STEP";
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
 
 /// What the verdict program did with the bytes that arrived on one socket.
-///
-/// Bytes are *redirected* straight to the peer socket when the kernel path is open, and
-/// *held* (verdict `SK_PASS`: they stay in this socket's own receive queue, where the daemon
-/// reads them) when it is not: before the peer is paired, or while user space still owns
-/// bytes of this direction. Every byte the socket received is counted exactly once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
     /// Bytes handed to the peer socket's transmit path by the kernel.
     pub redirected: u64,
-    /// Bytes left in this socket's receive queue for the daemon to forward.
-    pub held: u64,
-}
-
-/// The daemon's side of the hand-over protocol for one socket.
-///
-/// The verdict redirects only while `forwarded == Traffic::held`: once a byte has been held,
-/// every later byte is held too until the daemon has written all held bytes to the peer and
-/// published the new total here. That keeps the byte order across the two paths.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Handover {
-    /// Held bytes the daemon has read from this socket and written to the peer.
-    pub forwarded: u64,
-    /// Non-zero: hold every byte, because the peer has fallen behind by more than
-    /// `global.max_inflight`. Held bytes count against this socket's receive buffer, so the
-    /// sender's TCP window closes: the backpressure the redirect path lacks.
-    pub paused: u64,
+    /// Bytes with no peer to go to (the peer was reset or is being closed), left in this
+    /// socket's own receive queue. Non-zero only while a connection is ending.
+    pub passed: u64,
 }
 
 /// A ring-buffer record: the socket with this cookie redirected another
@@ -74,6 +57,5 @@ pub struct Event {
 mod user {
     // SAFETY: both types are `repr(C)`, made only of `u64`s, with no padding.
     unsafe impl aya::Pod for super::Traffic {}
-    unsafe impl aya::Pod for super::Handover {}
     unsafe impl aya::Pod for super::Event {}
 }

@@ -1,11 +1,10 @@
 //! mxlb's kernel relay.
 //!
 //! One stream verdict program, attached to the `mxlb_socks` SOCKHASH in verdict-only mode
-//! (no stream parser). The daemon pairs a client and a server socket by storing, under each
-//! socket's cookie, the *other* socket. For every chunk of bytes a paired socket receives,
-//! this program either redirects it out of the peer socket or holds it in the socket's own
-//! receive queue for the daemon, and counts which. Policy (who is paired, when to hold)
-//! lives in user space; this stays small on purpose.
+//! (no stream parser). For every chunk of bytes a socket in `mxlb_socks` receives, it looks
+//! up the socket's peer in `mxlb_peers` under the socket's own cookie and redirects the
+//! chunk out of that peer, counting the bytes. Policy (who is paired, when a direction
+//! pauses) lives in user space; this stays small on purpose.
 #![no_std]
 #![no_main]
 
@@ -18,16 +17,18 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::debug;
-use balancer_common::{DEFAULT_MAX_SOCKETS, Event, Handover, Traffic};
+use balancer_common::{DEFAULT_MAX_SOCKETS, Event, Traffic};
 
+/// The sockets whose receive path runs this program (it is attached to this map); the
+/// program itself never reads it.
 #[map(name = "mxlb_socks")]
 static MXLB_SOCKS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
+#[map(name = "mxlb_peers")]
+static MXLB_PEERS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
 #[map(name = "mxlb_traffic")]
 static MXLB_TRAFFIC: HashMap<u64, Traffic> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
-
-#[map(name = "mxlb_handover")]
-static MXLB_HANDOVER: HashMap<u64, Handover> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
 #[map(name = "mxlb_events")]
 static MXLB_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -59,19 +60,12 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
     // by the socket lock, and the daemon never rewrites this value, only reads it.
     let traffic = unsafe { &mut *traffic };
 
-    // SAFETY: plain read of a value the daemon replaces atomically.
-    let (forwarded, paused) =
-        unsafe { MXLB_HANDOVER.get(cookie) }.map_or((0, 0), |h| (h.forwarded, h.paused));
-    if paused != 0 || traffic.held != forwarded {
-        // The peer is too far behind, or the daemon still owns earlier bytes of this
-        // direction: queue behind them, in this socket's own (bounded) receive queue.
-        traffic.held += len;
-        return SK_PASS;
-    }
-
-    if MXLB_SOCKS.redirect_skb(&ctx, &mut cookie, 0) == i64::from(SK_PASS) {
+    if MXLB_PEERS.redirect_skb(&ctx, &mut cookie, 0) == i64::from(SK_PASS) {
         let before = traffic.redirected;
         traffic.redirected += len;
+        if before == 0 {
+            debug!(&ctx, "mxlb: socket {} relaying in the kernel", cookie);
+        }
         let step = MXLB_EVENT_STEP.load();
         if step != 0 && before / step != traffic.redirected / step {
             // Best effort: a full ring only delays the daemon's look until the next step.
@@ -80,12 +74,12 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
         return SK_PASS;
     }
 
-    // No peer under our cookie (pairing not finished, or the peer is closing): hold the
-    // bytes rather than let the kernel drop them.
-    traffic.held += len;
+    // No peer under our cookie: the peer was reset (which takes it out of the maps) or the
+    // daemon is closing the pair. Leave the bytes in this socket; the daemon sees them.
+    traffic.passed += len;
     debug!(
         &ctx,
-        "mxlb: no peer for cookie {}, holding {} bytes", cookie, len
+        "mxlb: no peer for cookie {}, passing {} bytes", cookie, len
     );
     SK_PASS
 }

@@ -36,7 +36,9 @@ const DEFAULT_FALL: u32 = 3;
 const DEFAULT_WEIGHT: u32 = 1;
 /// HAProxy's maximum server weight.
 const MAX_WEIGHT: u32 = 256;
-const DEFAULT_MAX_INFLIGHT: u64 = 0;
+/// A few MiB: deep enough that a receiver that keeps up never pauses its sender, small next
+/// to the socket buffers TCP grants anyway (docs/architecture.md, "Bounded memory").
+const DEFAULT_MAX_INFLIGHT: u64 = 4 << 20;
 /// Measured with `cargo xtask bench` (docs/benchmarks.md): pairing costs more than it saves
 /// for a session of a few KiB, and pays off for bulk.
 const DEFAULT_KERNEL_RELAY_AFTER: u64 = 32 << 10;
@@ -70,9 +72,9 @@ pub struct Global {
     /// How long relays may finish after SIGTERM/SIGINT.
     pub grace: Duration,
     pub log_format: LogFormat,
-    /// Most bytes of one direction of a relayed connection that may wait between the two
-    /// sockets for a slow receiver before the sender is held; 0 (the default) is off,
-    /// otherwise at least 64 KiB.
+    /// Most bytes of one direction of a kernel-relayed connection that may wait between the
+    /// two sockets for a slow receiver before that direction pauses (default 4 MiB); 0 is
+    /// off (unbounded), otherwise at least 64 KiB.
     pub max_inflight: u64,
     /// With the kernel relay: bytes a connection relays in user space before its sockets are
     /// paired in the kernel. Short sessions never pay for pairing; 0 pairs at once.
@@ -1064,7 +1066,7 @@ addr = "127.0.0.1:10025"
                 maxconn: 20000,
                 grace: Duration::from_secs(30),
                 log_format: LogFormat::Text,
-                max_inflight: 0,
+                max_inflight: 4 << 20,
                 kernel_relay_after: 32 << 10,
                 threads: 0,
             },
@@ -1140,7 +1142,7 @@ addr = "127.0.0.1:10025"
             }
         );
         assert!(!listener.source_limits.any());
-        assert_eq!(config.global.max_inflight, 0, "off by default");
+        assert_eq!(config.global.max_inflight, 4 << 20, "4 MiB by default");
         assert_eq!(
             listener.check,
             Check {

@@ -9,7 +9,7 @@
 //!   [`proxy_header`], hand the pair to the [`relay`], log one line when it ends.
 //! - [`relay`]: moves the bytes. The kernel relay pairs the two sockets in an eBPF SOCKHASH
 //!   (program in `balancer-ebpf`, shared types in `balancer-common`) and only watches for
-//!   held bytes, half-close and teardown; the user-space relay copies.
+//!   a peer falling behind, half-close and teardown; the user-space relay copies.
 //!
 //! Beside it: [`config`] (TOML into validated types, errors with file:line:col),
 //! [`logging`], [`sockopt`] (the socket facts the kernel relay needs) and [`demo`] (two

@@ -33,6 +33,32 @@ pub fn bytes_taken_for_sending(socket: &impl AsFd) -> io::Result<u64> {
     Ok(info.tcpi_bytes_acked + u64::try_from(queued).unwrap_or(0))
 }
 
+/// Runs the socket's data-ready hook over what its receive queue holds, under the socket
+/// lock.
+///
+/// Setting `SO_RCVLOWAT` does exactly that (TCP re-checks whether readers should wake). For
+/// a socket that just got the kernel relay's verdict, the hook is the verdict: bytes that
+/// arrived before the insert would otherwise wait for the next segment (pitfall 1 in the
+/// sockmap notes). For a socket that just lost it, taking the lock waits out a verdict run
+/// still in progress on another CPU, so afterwards no more bytes leave by the kernel path.
+pub fn run_receive_path(socket: &impl AsFd) -> io::Result<()> {
+    let lowat: libc::c_int = 1;
+    // SAFETY: the option value is one int, valid for the call, with its size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&lowat as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn tcp_info(socket: &impl AsFd) -> io::Result<libc::tcp_info> {
     let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;

@@ -287,7 +287,7 @@ impl Mxlb {
             let open = self.fd_count()?;
             let mut entries = Vec::new();
             if kernel {
-                for map in ["mxlb_socks", "mxlb_traffic", "mxlb_handover"] {
+                for map in ["mxlb_socks", "mxlb_peers", "mxlb_traffic"] {
                     let count = self.map_key_count(map)?;
                     if count > 0 {
                         entries.push(format!("{count} in {map}"));

@@ -46,20 +46,20 @@ fn bpftool_shows_the_pinned_program_and_maps_while_running() -> Result<()> {
     let program = bpftool_json(&["prog", "show", "pinned"], &pins.join("mxlb_verdict"))?;
     ensure!(program["name"] == "mxlb_verdict", "{program}");
     ensure!(program["type"] == "sk_skb", "{program}");
-    for (map, kind) in [
-        ("mxlb_socks", "sockhash"),
-        ("mxlb_traffic", "hash"),
-        ("mxlb_handover", "hash"),
+    for (map, kind, read_by_program) in [
+        // The verdict is attached to mxlb_socks; it reads the other two.
+        ("mxlb_socks", "sockhash", false),
+        ("mxlb_peers", "sockhash", true),
+        ("mxlb_traffic", "hash", true),
     ] {
         let shown = bpftool_json(&["map", "show", "pinned"], &pins.join(map))?;
         ensure!(shown["name"] == map && shown["type"] == kind, "{shown}");
         // Sized from global.maxconn (default 20000): two sockets per connection.
         ensure!(shown["max_entries"] == 40_000, "{shown}");
-        // The program uses this very map.
         let ids = program["map_ids"].as_array().context("map_ids")?;
         ensure!(
-            ids.contains(&shown["id"]),
-            "{map} not used by the program: {program}"
+            ids.contains(&shown["id"]) == read_by_program,
+            "{map} used by the program: {read_by_program} expected: {program}"
         );
     }
 

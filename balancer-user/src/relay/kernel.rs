@@ -1,31 +1,42 @@
-//! One connection on the kernel relay: pair, hand over, tear down.
+//! One connection on the kernel relay: pair, pause, resume, tear down.
 //!
-//! Pairing inserts each socket into `mxlb_socks` under its cookie, with the *peer* as the
-//! value; from then on the stream verdict moves the bytes and the daemon sleeps. It still
-//! watches both sockets (through [`Watcher`], which does not wake it per redirected chunk)
-//! for three things:
+//! **Pairing** registers each socket as the other's peer in `mxlb_peers`, then attaches the
+//! verdict to both by inserting them into `mxlb_socks`, then runs the verdict once over
+//! whatever each socket already queued (see [`sockopt::run_receive_path`]). From then on
+//! the verdict moves every byte and the daemon sleeps. It never reads or writes a byte of
+//! payload on this path; it watches both sockets (through [`Watcher`], which does not wake
+//! it per redirected chunk) for:
 //!
-//! - **Held bytes.** The verdict holds bytes it cannot redirect (before the pair is complete,
-//!   or behind earlier held bytes) in the socket's own receive queue. The daemon reads them,
-//!   writes them to the peer, and publishes the total in `mxlb_handover`; the verdict
-//!   redirects again once that total catches up with what it held, so no byte overtakes
-//!   another. The first read after pairing also runs the verdict over bytes that arrived
-//!   before the insert (pitfall 1 in the sockmap notes: they would otherwise stall).
+//! - **The bound** (`global.max_inflight`). Redirected bytes wait on the peer's psock queue,
+//!   which nothing bounds. The verdict reports each step of bytes a socket redirects; when
+//!   a peer has fallen more than the bound behind (relayed − taken into its socket), the
+//!   daemon takes both sockets out of `mxlb_socks`. New bytes then stay in the senders'
+//!   own receive queues, so TCP closes their windows, while the peers drain what the relay
+//!   already queued. Once nothing is in flight either way, the daemon withdraws both psocks
+//!   and relays the rest of the connection in user space, where a slow reader slows its
+//!   sender the ordinary way. The connection does not come back to the kernel: a socket
+//!   re-attached after such a pause can be handed a retransmitted segment that overlaps
+//!   bytes it already received, and the verdict path (`tcp_read_skb`) relays such a
+//!   segment whole, duplicating the overlap (docs/architecture.md, "Bounded memory").
 //! - **Half-close.** The kernel does not forward FIN. On EOF from one side the daemon waits
 //!   until the peer socket has taken every byte of that direction (acked + send queue
-//!   reaches what was redirected and forwarded), then shuts the peer's write side. Shutting
-//!   it at once loses the bytes still queued in the relay.
+//!   reaches what was redirected), then shuts the peer's write side. Shutting it at once
+//!   loses the bytes still queued in the relay.
 //! - **Teardown.** When both directions are done, or either side fails (reset), both
-//!   sockets close; closing removes them from the sockhash, and the daemon deletes their
-//!   `mxlb_traffic` / `mxlb_handover` entries, reading the final byte counts first.
+//!   sockets close; closing removes them from the sockhashes, and the daemon deletes their
+//!   `mxlb_traffic` entries, reading the final byte counts first.
+//!
+//! The kernel only takes established sockets. A pair it refuses (a server that closed right
+//! after its banner) leaves the kernel the same way, once nothing is in flight, and finishes
+//! in user space.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use balancer_common::{Handover, Traffic};
+use balancer_common::Traffic;
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
@@ -35,10 +46,8 @@ use super::watch::Wants;
 use super::{LiveTraffic, Termination};
 use crate::sockopt;
 
-/// Most bytes read from a socket's held queue in one go.
-const HELD_CHUNK: usize = 256 * 1024;
-/// How often a direction that waits on its peer (to forward a FIN, or to write held bytes
-/// behind redirected ones) looks again: starting fast, backing off.
+/// How often a direction that waits on its peer (to forward a FIN, or to drain before the
+/// connection leaves the kernel) looks again: starting fast, backing off.
 const POLL_FIRST: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(100);
 
@@ -98,14 +107,10 @@ struct Side {
     cookie: u64,
     /// Bytes this socket had taken for sending before pairing (the PROXY header, say).
     sent_before_pairing: u64,
-    /// Held bytes read from this socket and written to the peer.
-    forwarded: u64,
     /// Bytes the verdict redirected from this socket, as last read from `mxlb_traffic`.
     redirected: u64,
-    /// Whether the verdict was told to hold this direction (peer too far behind).
-    paused: bool,
-    /// Held bytes read but not yet written to the peer (its send buffer was full).
-    pending: Vec<u8>,
+    /// In `mxlb_socks`: the verdict relays what this socket receives.
+    attached: bool,
     state: Direction,
     /// Set while this direction waits on the peer.
     poll: Option<Poll>,
@@ -115,12 +120,6 @@ struct Side {
 }
 
 impl Side {
-    /// Every byte that left this socket towards the peer, by either path (pending bytes
-    /// excluded: they have not left yet).
-    fn relayed(&self) -> u64 {
-        self.redirected + self.forwarded
-    }
-
     fn wait_on_peer(&mut self) {
         self.poll = Some(self.poll.map_or_else(Poll::first, Poll::next));
     }
@@ -128,6 +127,14 @@ impl Side {
 
 /// The relay loop stops early with this termination.
 struct Abort(Termination);
+
+/// How the kernel part of a connection ended.
+enum Outcome {
+    Ended(Termination),
+    /// A peer fell too far behind, or the kernel refused a socket: both sockets are out of
+    /// its maps with nothing in flight. Relay the rest in user space.
+    UserSpace,
+}
 
 impl KernelRelay {
     /// Relays one connection in the kernel until both directions are done or one side fails.
@@ -142,16 +149,19 @@ impl KernelRelay {
         // Measured before pairing: from the insert on, the kernel may send into them.
         let client_sent = sockopt::bytes_taken_for_sending(&client)?;
         let server_sent = sockopt::bytes_taken_for_sending(&server)?;
-        let paired = self
-            .pair(&client, client_cookie, &server, server_cookie)
-            .await;
-        if let Err(error) = paired {
-            // The kernel only takes established sockets: a server that closed right after
+        let registered = self
+            .start_counting(&[client_cookie, server_cookie])
+            .and_then(|()| self.register_peers(&client, client_cookie, &server, server_cookie));
+        if let Err(error) = registered {
+            // Nothing is attached yet, so nothing moved: a server that closed right after
             // its banner (CLOSE_WAIT already) is refused. Such a connection is short by
             // definition; relay it in user space.
             self.forget(&[client_cookie, server_cookie]);
             debug!("kernel relay refused the pair ({error:#}); relaying in user space");
             return Ok(super::userspace::relay(client, server, live, timeout_idle).await);
+        }
+        if let Some(delay) = self.fault_pairing_delay {
+            tokio::time::sleep(delay).await;
         }
         let mut client = self.side(client, Role::Client, client_cookie, client_sent)?;
         let mut server = match self.side(server, Role::Server, server_cookie, server_sent) {
@@ -163,36 +173,85 @@ impl KernelRelay {
             }
         };
         live.set_paired(client_cookie, server_cookie);
-        let ended = self.run(&mut client, &mut server, live, timeout_idle).await;
-        self.unpair(client, server, live);
-        Ok(ended)
-    }
-
-    /// Pairs the two sockets in the sockhash. The `Traffic` entries go in first, so the
-    /// verdict counts from the very first byte.
-    async fn pair(
-        &self,
-        client: &tokio::net::TcpStream,
-        client_cookie: u64,
-        server: &tokio::net::TcpStream,
-        server_cookie: u64,
-    ) -> anyhow::Result<()> {
-        {
-            let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
-            for cookie in [client_cookie, server_cookie] {
-                traffic.insert(cookie, Traffic::default(), 0)?;
+        let mut leaving = false;
+        for side in [&mut client, &mut server] {
+            if let Err(error) = self.attach(side) {
+                debug!(side = ?side.role, "kernel relay refused the socket ({error:#}); leaving it");
+                leaving = true;
+                break;
             }
         }
-        // Entry keyed by the server first: it attaches the verdict to the client socket,
-        // which speaks second in SMTP. Either order is safe (bytes without a peer are held),
-        // this one just makes holding rare.
-        self.lock_socks()
-            .insert(server_cookie, client.as_raw_fd(), 0)?;
-        if let Some(delay) = self.fault_pairing_delay {
-            tokio::time::sleep(delay).await;
+        match self
+            .run(&mut client, &mut server, timeout_idle, leaving)
+            .await
+        {
+            Outcome::Ended(ended) => {
+                self.unpair(client, server, live);
+                Ok(ended)
+            }
+            Outcome::UserSpace => {
+                self.release(&client, &server, live);
+                debug!("relaying the rest of the connection in user space");
+                let client = tokio::net::TcpStream::from_std(client.stream)?;
+                let server = tokio::net::TcpStream::from_std(server.stream)?;
+                Ok(super::userspace::relay(client, server, live, timeout_idle).await)
+            }
         }
+    }
+
+    /// Zeroed `mxlb_traffic` entries, so the verdict counts from the very first byte.
+    fn start_counting(&self, cookies: &[u64]) -> anyhow::Result<()> {
+        let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        for cookie in cookies {
+            traffic.insert(cookie, Traffic::default(), 0)?;
+        }
+        Ok(())
+    }
+
+    /// Makes each socket the other's redirect target. Undone in full if either is refused.
+    fn register_peers(
+        &self,
+        client: &impl AsRawFd,
+        client_cookie: u64,
+        server: &impl AsRawFd,
+        server_cookie: u64,
+    ) -> anyhow::Result<()> {
+        let mut peers = self.lock_peers();
+        peers.insert(server_cookie, client.as_raw_fd(), 0)?;
+        if let Err(error) = peers.insert(client_cookie, server.as_raw_fd(), 0) {
+            let _ = peers.remove(&server_cookie);
+            return Err(error.into());
+        }
+        Ok(())
+    }
+
+    /// Puts the verdict on `side`'s receive path and runs it over what is already queued.
+    fn attach(&self, side: &mut Side) -> anyhow::Result<()> {
         self.lock_socks()
-            .insert(client_cookie, server.as_raw_fd(), 0)?;
+            .insert(side.cookie, side.stream.as_raw_fd(), 0)?;
+        side.attached = true;
+        // What the first run moves is what had queued up (SIOCINQ cannot tell: on a socket
+        // in a sockmap it counts only the psock's own queue). Two map reads, so debug only.
+        let before = tracing::enabled!(tracing::Level::DEBUG).then(|| self.redirected(side.cookie));
+        sockopt::run_receive_path(&side.stream)?;
+        if let Some(before) = before {
+            let queued = self.redirected(side.cookie) - before;
+            if queued > 0 {
+                debug!(side = ?side.role, queued, "verdict run over bytes queued before it was attached");
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the verdict off `side`'s receive path; from here its bytes wait in its receive
+    /// queue. Returns once no verdict run for it is in progress any more.
+    fn detach(&self, side: &mut Side) -> Result<(), Abort> {
+        if let Err(error) = self.lock_socks().remove(&side.cookie) {
+            // A socket that was reset has left the map already; `failed` reports that.
+            debug!(side = ?side.role, %error, "detaching: not in mxlb_socks");
+        }
+        side.attached = false;
+        let _ = sockopt::run_receive_path(&side.stream);
         Ok(())
     }
 
@@ -202,19 +261,25 @@ impl KernelRelay {
         self.socks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Undoes a partial pairing: map entries go, the sockets stay open.
+    fn lock_peers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, aya::maps::SockHash<aya::maps::MapData, u64>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Deletes the map entries of these sockets (the sockets stay open).
     fn forget(&self, cookies: &[u64]) {
         let mut socks = self.lock_socks();
+        let mut peers = self.lock_peers();
         let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
-        let mut handover = self.handover.lock().unwrap_or_else(|e| e.into_inner());
         for cookie in cookies {
             let _ = socks.remove(cookie);
+            let _ = peers.remove(cookie);
             let _ = traffic.remove(cookie);
-            let _ = handover.remove(cookie);
         }
     }
 
-    /// Moves a paired socket from tokio's reactor to the relay's watcher.
+    /// Moves a socket from tokio's reactor to the relay's watcher.
     fn side(
         &self,
         stream: tokio::net::TcpStream,
@@ -224,22 +289,15 @@ impl KernelRelay {
     ) -> io::Result<Side> {
         // Leaving tokio's reactor stops the per-chunk wake-ups; the socket stays nonblocking.
         let stream = stream.into_std()?;
-        // Input wanted at first: pairing may have held a few bytes, and the first read runs
-        // the verdict over bytes that arrived before the insert.
-        let wants = Wants {
-            input: true,
-            output: false,
-        };
+        let wants = Wants::default();
         let events = self.watcher.watch(&stream, cookie, wants)?;
         Ok(Side {
             sent_before_pairing,
             stream,
             role,
             cookie,
-            forwarded: 0,
             redirected: 0,
-            paused: false,
-            pending: Vec::new(),
+            attached: false,
             state: Direction::Open,
             poll: None,
             wants,
@@ -251,27 +309,33 @@ impl KernelRelay {
         &self,
         client: &mut Side,
         server: &mut Side,
-        live: &LiveTraffic,
         timeout_idle: Duration,
-    ) -> Termination {
+        mut leaving: bool,
+    ) -> Outcome {
         let mut idle = IdleWatch::new(timeout_idle);
         loop {
             // Make all the progress possible without waiting, then sleep until an event.
-            if let Err(Abort(termination)) = self.step(client, server, live) {
-                return termination;
+            if !leaving && (self.over_bound(client, server) || self.over_bound(server, client)) {
+                leaving = true;
             }
-            if let Err(Abort(termination)) = self.step(server, client, live) {
-                return termination;
+            let progress = if leaving {
+                self.leave(client, server)
+            } else {
+                self.step(client, server)
+                    .and_then(|()| self.step(server, client))
+                    .map(|()| false)
+            };
+            match progress.and_then(|left| failed(client).and(failed(server)).map(|()| left)) {
+                Err(Abort(termination)) => return Outcome::Ended(termination),
+                Ok(true) => return Outcome::UserSpace,
+                Ok(false) => {}
             }
             if client.state == Direction::Done && server.state == Direction::Done {
-                return Termination::Closed;
+                return Outcome::Ended(Termination::Closed);
             }
-            let moved = self.traffic(client.cookie).redirected
-                + self.traffic(server.cookie).redirected
-                + client.forwarded
-                + server.forwarded;
+            let moved = self.redirected(client.cookie) + self.redirected(server.cookie);
             if idle.expired(moved) {
-                return Termination::IdleTimeout;
+                return Outcome::Ended(Termination::IdleTimeout);
             }
             let wake_at = [client.poll, server.poll]
                 .into_iter()
@@ -289,161 +353,109 @@ impl KernelRelay {
     }
 
     /// Advances the direction from `from` to `to` as far as it goes without waiting.
-    fn step(&self, from: &mut Side, to: &mut Side, live: &LiveTraffic) -> Result<(), Abort> {
+    fn step(&self, from: &mut Side, to: &mut Side) -> Result<(), Abort> {
         let due = from.poll.is_none_or(|poll| poll.at <= Instant::now());
         match from.state {
-            Direction::Open if due => self.forward(from, to, live)?,
-            Direction::Draining if due => self.check_drained(from, to),
-            _ => {}
+            Direction::Open => self.check_eof(from, to),
+            Direction::Draining if due => {
+                self.check_drained(from, to);
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        failed(from)
     }
 
-    /// The daemon's part of one direction: keep the peer from falling too far behind,
-    /// move held bytes, notice EOF.
-    fn forward(&self, from: &mut Side, to: &mut Side, live: &LiveTraffic) -> Result<(), Abort> {
-        let traffic = self.traffic(from.cookie);
-        from.redirected = traffic.redirected;
-        let held_outstanding = traffic.held > from.forwarded;
-        let bounded = self.pause_at != u64::MAX;
-        // Where the peer stands costs two syscalls: only ask when it can matter.
-        if bounded || from.paused || held_outstanding {
-            let behind = self.peer_behind(from, to);
-            if bounded && !from.paused && behind > self.pause_at {
-                // The redirect path has no backpressure: stop it before the peer's queue
-                // grows past max_inflight. From here the verdict holds, the sender's window
-                // closes.
-                self.publish(from, true)?;
-                debug!(side = ?from.role, behind, "peer behind: holding this direction");
-            }
-            if behind > 0 && (from.paused || held_outstanding) {
-                // Held bytes may only follow once every redirected byte is in the peer's
-                // socket, or they would overtake them.
-                from.wait_on_peer();
-                return Ok(());
-            }
+    /// Whether `to` has fallen more than `max_inflight` behind the direction from `from`.
+    fn over_bound(&self, from: &mut Side, to: &Side) -> bool {
+        if self.pause_at == u64::MAX || from.state != Direction::Open {
+            return false;
         }
-        self.flush_pending(from, to)?;
-        if !from.pending.is_empty() {
-            return Ok(());
+        from.redirected = self.redirected(from.cookie);
+        let behind = self.peer_behind(from, to);
+        if behind > self.pause_at {
+            debug!(side = ?from.role, behind, "peer behind: the connection leaves the kernel relay");
+            return true;
         }
-        self.read_held(from, to, live)
+        false
     }
 
-    /// How many bytes of this direction the relay has handed on that `to` has not taken
+    /// Looks for EOF on an attached socket. The verdict leaves nothing to read there, so a
+    /// read only ever reports EOF, or bytes the verdict could not redirect because the peer
+    /// is gone.
+    fn check_eof(&self, from: &mut Side, to: &mut Side) -> Result<(), Abort> {
+        let mut byte = [0u8; 1];
+        match from.stream.read(&mut byte) {
+            Ok(0) => {
+                from.state = Direction::Draining;
+                self.check_drained(from, to);
+                Ok(())
+            }
+            Ok(_) => {
+                debug!(side = ?from.role, "bytes without a peer: the peer is gone");
+                Err(Abort(to.role.reset()))
+            }
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(())
+            }
+            Err(error) => {
+                debug!(side = ?from.role, %error, "read failed");
+                Err(Abort(from.role.reset()))
+            }
+        }
+    }
+
+    /// Takes the connection out of the kernel: stops both verdicts (the senders' bytes now
+    /// wait in their own receive queues, under TCP flow control), waits until the peers
+    /// have taken everything already relayed, then withdraws both psocks. Returns whether
+    /// the sockets are free for user space.
+    fn leave(&self, client: &mut Side, server: &mut Side) -> Result<bool, Abort> {
+        for side in [&mut *client, &mut *server] {
+            if side.attached {
+                self.detach(side)?;
+                // Woken as the peer drains, and by the poll in case it drained already.
+                self.set_wants(side, Wants { output: true });
+            }
+        }
+        client.redirected = self.redirected(client.cookie);
+        server.redirected = self.redirected(server.cookie);
+        let (client_behind, server_behind) = (
+            self.peer_behind(client, server),
+            self.peer_behind(server, client),
+        );
+        let mut in_flight = false;
+        for (behind, side) in [(client_behind, &mut *client), (server_behind, &mut *server)] {
+            if behind > 0 {
+                side.wait_on_peer();
+                in_flight = true;
+            }
+        }
+        if in_flight {
+            return Ok(false);
+        }
+        self.withdraw_peers(client, server);
+        Ok(true)
+    }
+
+    /// Removes both sockets from `mxlb_peers`: with no map left, their psocks go.
+    fn withdraw_peers(&self, client: &Side, server: &Side) {
+        let mut peers = self.lock_peers();
+        for cookie in [client.cookie, server.cookie] {
+            let _ = peers.remove(&cookie);
+        }
+    }
+
+    /// How many bytes of this direction the kernel has redirected that `to` has not taken
     /// into its own socket yet (they wait in the kernel relay's queue).
     fn peer_behind(&self, from: &Side, to: &Side) -> u64 {
         let taken = sockopt::bytes_taken_for_sending(&to.stream)
             .unwrap_or(u64::MAX)
             .saturating_sub(to.sent_before_pairing);
-        from.relayed().saturating_sub(taken)
-    }
-
-    /// Reads held bytes from `from` and writes them to `to` until nothing is held, the peer
-    /// is full, or EOF.
-    fn read_held(&self, from: &mut Side, to: &mut Side, live: &LiveTraffic) -> Result<(), Abort> {
-        let mut buffer = vec![0; HELD_CHUNK];
-        loop {
-            let read = from.stream.read(&mut buffer);
-            tracing::trace!(side = ?from.role, ?read, "read");
-            match read {
-                Ok(0)
-                    if self.traffic(from.cookie).held
-                        > from.forwarded + from.pending.len() as u64 =>
-                {
-                    // The kernel reports EOF as soon as its message queue is momentarily
-                    // empty, even with held bytes still on their way into it: not yet.
-                    from.wait_on_peer();
-                    return Ok(());
-                }
-                Ok(0) => {
-                    self.set_wants(from, Wants::default());
-                    from.state = Direction::Draining;
-                    self.check_drained(from, to);
-                    return Ok(());
-                }
-                Ok(n) => {
-                    match from.role {
-                        Role::Client => live.add_daemon_in(n as u64),
-                        Role::Server => live.add_daemon_out(n as u64),
-                    }
-                    from.pending.extend_from_slice(&buffer[..n]);
-                    self.flush_pending(from, to)?;
-                    if !from.pending.is_empty() {
-                        return Ok(());
-                    }
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    // Nothing queued. While the verdict holds for us (paused, or bytes
-                    // counted but maybe not queued yet) keep listening for input; once
-                    // caught up, resume the kernel path and stop listening.
-                    let caught_up = self.traffic(from.cookie).held == from.forwarded;
-                    // A paused direction stays with the daemon for the rest of the
-                    // connection: resuming the kernel path lets the verdict redirect and
-                    // hold in quick alternation, and on 6.18 that alternation can leave
-                    // held bytes stuck in the socket's psock backlog (seen in the memory
-                    // tests: a full receive buffer nobody can read). See
-                    // docs/architecture.md, "Bounded memory".
-                    let input = !caught_up || from.paused;
-                    self.set_wants(
-                        from,
-                        Wants {
-                            input,
-                            ..from.wants
-                        },
-                    );
-                    return Ok(());
-                }
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => {
-                    debug!(side = ?from.role, %error, "read failed");
-                    return Err(Abort(from.role.reset()));
-                }
-            }
-        }
-    }
-
-    /// Writes pending held bytes to the peer as far as its send buffer takes them, and
-    /// publishes what was forwarded. A full peer is waited for through `EPOLLOUT`, never
-    /// by blocking the other direction.
-    fn flush_pending(&self, from: &mut Side, to: &mut Side) -> Result<(), Abort> {
-        let mut written = 0;
-        while written < from.pending.len() {
-            match to.stream.write(&from.pending[written..]) {
-                Ok(n) => written += n,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => {
-                    debug!(side = ?to.role, %error, "write failed");
-                    return Err(Abort(to.role.reset()));
-                }
-            }
-        }
-        if written > 0 {
-            // Progress: waits on the peer start over from the shortest interval.
-            from.poll = None;
-            from.pending.drain(..written);
-            from.forwarded += written as u64;
-            self.publish(from, from.paused)?;
-        }
-        let output = !from.pending.is_empty();
-        self.set_wants(to, Wants { output, ..to.wants });
-        Ok(())
-    }
-
-    /// Tells the verdict how many held bytes of `side` are forwarded, and whether to hold.
-    fn publish(&self, side: &mut Side, paused: bool) -> Result<(), Abort> {
-        let published = Handover {
-            forwarded: side.forwarded,
-            paused: u64::from(paused),
-        };
-        let mut handover = self.handover.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(error) = handover.insert(side.cookie, published, 0) {
-            debug!(%error, "publishing the hand-over failed");
-            return Err(Abort(Termination::Internal));
-        }
-        side.paused = paused;
-        Ok(())
+        from.redirected.saturating_sub(taken)
     }
 
     fn set_wants(&self, side: &mut Side, wants: Wants) {
@@ -459,14 +471,14 @@ impl KernelRelay {
 
     /// For a draining direction: forward the FIN once `to` has taken every byte.
     fn check_drained(&self, from: &mut Side, to: &Side) {
-        from.redirected = self.traffic(from.cookie).redirected;
-        if from.pending.is_empty() && self.peer_behind(from, to) == 0 {
+        from.redirected = self.redirected(from.cookie);
+        if self.peer_behind(from, to) == 0 {
             let _ = to.stream.shutdown(Shutdown::Write);
             from.state = Direction::Done;
             from.poll = None;
             debug!(
                 from = ?from.role,
-                bytes = from.relayed(),
+                bytes = from.redirected,
                 "direction drained, FIN forwarded"
             );
         } else {
@@ -484,28 +496,36 @@ impl KernelRelay {
         self.traffic(cookie).redirected
     }
 
-    /// Closes both sockets and deletes their map entries, after saving the kernel's final
-    /// counts in `live`.
-    fn unpair(&self, client: Side, server: Side, live: &LiveTraffic) {
+    /// Saves the kernel's final counts in `live`, stops watching both sockets and deletes
+    /// their map entries; the sockets stay open.
+    fn release(&self, client: &Side, server: &Side, live: &LiveTraffic) {
+        let (from_client, from_server) = (
+            self.traffic(client.cookie).passed,
+            self.traffic(server.cookie).passed,
+        );
+        if from_client + from_server > 0 {
+            debug!(
+                from_client,
+                from_server, "bytes arrived after their peer was gone"
+            );
+        }
         live.set_unpaired(
             self.redirected(client.cookie),
             self.redirected(server.cookie),
         );
-        if client.forwarded + server.forwarded > 0 {
-            debug!(
-                held_in = client.forwarded,
-                held_out = server.forwarded,
-                "held bytes handed over by the daemon"
-            );
-        }
-        for side in [&client, &server] {
+        for side in [client, server] {
             self.watcher.unwatch(&side.stream, side.cookie);
         }
-        let cookies = [client.cookie, server.cookie];
-        // Closing removes both sockets from the sockhash.
+        self.forget(&[client.cookie, server.cookie]);
+    }
+
+    /// Closes both sockets and deletes their map entries, after saving the kernel's final
+    /// counts in `live`.
+    fn unpair(&self, client: Side, server: Side, live: &LiveTraffic) {
+        self.release(&client, &server, live);
+        // Closing also removes both sockets from the sockhashes.
         drop(client);
         drop(server);
-        self.forget(&cookies);
     }
 }
 

@@ -1,8 +1,9 @@
 //! Loading the kernel relay: the embedded eBPF object, its maps, pins and log forwarding.
 //!
 //! [`KernelRelay::load`] loads `mxlb_verdict`, attaches it to the `mxlb_socks` SOCKHASH in
-//! verdict-only mode, pins the program and the maps under `global.pin_path` (so operators
-//! can inspect them with bpftool) and removes the pins again when dropped.
+//! verdict-only mode (`mxlb_peers` stays program-free), pins the program and the maps under
+//! `global.pin_path` (so operators can inspect them with bpftool) and removes the pins again
+//! when dropped.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,8 +13,7 @@ use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use balancer_common::{
-    EVENT_STEP_GLOBAL, EVENTS_MAP, HANDOVER_MAP, Handover, SOCKS_MAP, TRAFFIC_MAP, Traffic,
-    VERDICT_PROGRAM,
+    EVENT_STEP_GLOBAL, EVENTS_MAP, PEERS_MAP, SOCKS_MAP, TRAFFIC_MAP, Traffic, VERDICT_PROGRAM,
 };
 use tracing::{debug, info, warn};
 
@@ -27,17 +27,19 @@ pub const EBPF_LOG_TARGET: &str = "mxlb::ebpf";
 
 /// The loaded kernel relay: program attached, maps open, pins in place.
 pub struct KernelRelay {
+    /// Sockets whose receive path runs the verdict.
     pub(super) socks: Mutex<SockHash<MapData, u64>>,
+    /// Redirect targets: cookie -> peer socket.
+    pub(super) peers: Mutex<SockHash<MapData, u64>>,
     pub(super) traffic: Mutex<HashMap<MapData, u64, Traffic>>,
-    pub(super) handover: Mutex<HashMap<MapData, u64, Handover>>,
     pub(super) watcher: Arc<Watcher>,
-    /// Hold a direction once its peer is this many bytes behind (3/4 of `max_inflight`: one
-    /// event step of margin for bytes redirected before the hold takes effect).
+    /// Pause a direction once its peer is this many bytes behind (3/4 of `max_inflight`: one
+    /// event step of margin for bytes redirected before the pause takes effect).
     pub(super) pause_at: u64,
     /// Bytes a connection relays in user space before its sockets are paired.
     pub(super) relay_after: u64,
-    /// Fault injection for tests: a pause between the two sockhash inserts, which makes
-    /// the verdict hold early bytes so the hand-over path runs (`MXLB_FAULT_PAIRING_DELAY_MS`).
+    /// Fault injection for tests: a pause between registering the peers and attaching the
+    /// verdict, so bytes pile up unread before the pairing (`MXLB_FAULT_PAIRING_DELAY_MS`).
     pub(super) fault_pairing_delay: Option<std::time::Duration>,
     pins: Vec<PathBuf>,
     pin_dir: PathBuf,
@@ -66,12 +68,12 @@ impl KernelRelay {
         };
         // The verdict reports every quarter of max_inflight a socket redirects, so the daemon
         // looks at the peer before it can fall a whole max_inflight behind.
-        // 0 turns the bound off: no events, no holding.
+        // 0 turns the bound off: no events, no pausing.
         let event_step: u64 = max_inflight / 4;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(SOCKS_MAP, max_sockets)
             .map_max_entries(TRAFFIC_MAP, max_sockets)
-            .map_max_entries(HANDOVER_MAP, max_sockets)
+            .map_max_entries(PEERS_MAP, max_sockets)
             .override_global("AYA_LOG_LEVEL", &ebpf_log_level, false)
             .override_global(EVENT_STEP_GLOBAL, &event_step, true)
             .load(EBPF_OBJECT)
@@ -93,7 +95,7 @@ impl KernelRelay {
         };
         let socks: SockHash<MapData, u64> = take(SOCKS_MAP)?.try_into()?;
         let traffic: HashMap<MapData, u64, Traffic> = take(TRAFFIC_MAP)?.try_into()?;
-        let handover: HashMap<MapData, u64, Handover> = take(HANDOVER_MAP)?.try_into()?;
+        let peers: SockHash<MapData, u64> = take(PEERS_MAP)?.try_into()?;
         let events: RingBuf<MapData> = take(EVENTS_MAP)?.try_into()?;
 
         let program: &mut SkSkb = ebpf
@@ -122,7 +124,7 @@ impl KernelRelay {
         if let Some(delay) = fault_pairing_delay {
             warn!(
                 ?delay,
-                "fault injection: pausing between the two sockhash inserts"
+                "fault injection: pausing between registering peers and attaching the verdict"
             );
         }
         Ok(KernelRelay {
@@ -136,7 +138,7 @@ impl KernelRelay {
             fault_pairing_delay,
             socks: Mutex::new(socks),
             traffic: Mutex::new(traffic),
-            handover: Mutex::new(handover),
+            peers: Mutex::new(peers),
             pins,
             pin_dir: pin_dir.to_owned(),
             _ebpf: ebpf,
@@ -181,7 +183,7 @@ fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
         VERDICT_PROGRAM,
         SOCKS_MAP,
         TRAFFIC_MAP,
-        HANDOVER_MAP,
+        PEERS_MAP,
         EVENTS_MAP,
     ] {
         let stale = pin_dir.join(name);

@@ -1,13 +1,13 @@
-//! Wakes kernel-relayed connections only for what needs the daemon: FIN, reset, held bytes,
-//! a peer ready to take bytes the daemon writes.
+//! Wakes kernel-relayed connections only for what needs the daemon: FIN, reset, a peer that
+//! drains while its direction is paused, and the verdict's step events.
 //!
 //! The kernel wakes a paired socket's readers after *every* chunk the verdict redirects.
 //! Registered the usual way (tokio's readable interest is `EPOLLIN | EPOLLRDHUP`), the daemon
 //! would wake for every chunk of a mail it never touches. So kernel-relayed sockets leave
 //! tokio's reactor and join this one epoll instance, with `EPOLLRDHUP` (FIN) and the always
-//! reported `EPOLLERR | EPOLLHUP`; `EPOLLIN` is added only while the daemon owns held bytes
-//! and `EPOLLOUT` only while it waits to write. One task reads the epoll instance and
-//! notifies the connection the event belongs to, by socket cookie.
+//! reported `EPOLLERR | EPOLLHUP`; `EPOLLOUT` is added only while a paused direction waits
+//! for this socket to drain. One task reads the epoll instance and notifies the connection
+//! the event belongs to, by socket cookie.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,18 +26,13 @@ const EVENT_BATCH: usize = 256;
 /// What a connection wants to hear about one of its sockets, beyond FIN and errors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Wants {
-    /// Held bytes to read (`EPOLLIN`).
-    pub input: bool,
-    /// Room to write (`EPOLLOUT`).
+    /// Room in the send buffer (`EPOLLOUT`): the socket is draining.
     pub output: bool,
 }
 
 impl Wants {
     fn flags(self) -> EpollFlags {
         let mut flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-        if self.input {
-            flags |= EpollFlags::EPOLLIN;
-        }
         if self.output {
             flags |= EpollFlags::EPOLLOUT;
         }
