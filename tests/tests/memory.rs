@@ -23,7 +23,8 @@ use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config, pin_path};
 
 const MIB: u64 = 1 << 20;
 const PUSH: u64 = 1 << 30;
-const STALL: Duration = Duration::from_secs(8);
+/// How long the reader stops reading, as in the issue: 10 s.
+const STALL: Duration = Duration::from_secs(10);
 /// The bound these tests configure (`global.max_inflight`).
 const MAX_INFLIGHT: u64 = 4 * MIB;
 
@@ -96,19 +97,19 @@ fn start(test: &str, backend: SocketAddr) -> Result<Mxlb> {
 /// the machine's available memory drops by no more than that.
 fn check_stalled(progress: &AtomicU64, before: u64) -> Result<String> {
     let bound = per_connection_bound()?;
+    thread::sleep(Duration::from_secs(5));
+    let sent_at_5s = progress.load(Ordering::Relaxed);
+    let used_at_5s = before.saturating_sub(mem_available()?);
     thread::sleep(Duration::from_secs(4));
-    let sent_at_4s = progress.load(Ordering::Relaxed);
-    let used_at_4s = before.saturating_sub(mem_available()?);
-    thread::sleep(Duration::from_secs(3));
-    let sent_at_7s = progress.load(Ordering::Relaxed);
-    let used_at_7s = before.saturating_sub(mem_available()?);
+    let sent_at_9s = progress.load(Ordering::Relaxed);
+    let used_at_9s = before.saturating_sub(mem_available()?);
     let report = format!(
-        "sender pushed {} MiB by 4 s and {} MiB by 7 s of the stall; MemAvailable fell by {} \
+        "sender pushed {} MiB by 5 s and {} MiB by 9 s of the stall; MemAvailable fell by {} \
          then {} MiB; bound {} MiB (max_inflight {} MiB + socket buffers)",
-        sent_at_4s / MIB,
-        sent_at_7s / MIB,
-        used_at_4s / MIB,
-        used_at_7s / MIB,
+        sent_at_5s / MIB,
+        sent_at_9s / MIB,
+        used_at_5s / MIB,
+        used_at_9s / MIB,
         bound / MIB,
         MAX_INFLIGHT / MIB
     );
@@ -118,12 +119,12 @@ fn check_stalled(progress: &AtomicU64, before: u64) -> Result<String> {
     // everything else on the machine, so it only has to stay far from what the unbounded
     // redirect path would take (all of the 1 GiB).
     ensure!(
-        sent_at_7s - sent_at_4s < MIB,
+        sent_at_9s - sent_at_5s < MIB,
         "the sender is not blocked: {report}"
     );
-    ensure!(sent_at_7s <= bound, "more than the bound got in: {report}");
+    ensure!(sent_at_9s <= bound, "more than the bound got in: {report}");
     ensure!(
-        used_at_7s < PUSH / 4,
+        used_at_9s < PUSH / 4,
         "memory grew as if unbounded: {report}"
     );
     Ok(report)
@@ -179,6 +180,8 @@ fn stalled_client_bounds_memory_and_loses_nothing() -> Result<()> {
     let before = mem_available()?;
     let mut client = TcpStream::connect(mxlb.listen)?;
     check_stalled(&progress, before)?;
+    // The client has not read for 9 s; make it the full stall.
+    thread::sleep(STALL - Duration::from_secs(9));
 
     let received = mxlb_tests::backend::digest_until_eof(&mut client)?;
     let sent: Digest256 = backend.next_report(Duration::from_secs(120))?;
