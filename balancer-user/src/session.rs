@@ -114,25 +114,29 @@ impl Frontend {
         let started = Instant::now();
         let admitted = match self.admission.admit(client_addr.ip()) {
             Ok(admitted) => admitted,
-            Err(refused) => return self.refuse_over_limit(client, client_addr, &refused).await,
+            Err(refused) => {
+                return Box::pin(self.refuse_over_limit(client, client_addr, &refused)).await;
+            }
         };
         self.pool.count_session();
         let _ = client.set_nodelay(true);
+        // The phases are boxed: a task's future is as large as its largest phase, and an
+        // idle session (most of them, at any time) should only hold the relay's state.
         let (server, reservation, mut upstream, connect_time) =
-            match self.connect(client_addr).await {
+            match Box::pin(self.connect(client_addr)).await {
                 Ok(connected) => connected,
                 Err(no_server) => {
                     // A refused client holds no place while its reply goes out.
                     drop(admitted);
                     let Some(limit) = no_server.limit() else {
                         self.pool.count_refused();
-                        return refuse(client, client_addr, &self.config.name).await;
+                        return Box::pin(refuse(client, client_addr, &self.config.name)).await;
                     };
                     let refused = Refused {
                         limit,
                         source: None,
                     };
-                    return self.refuse_over_limit(client, client_addr, &refused).await;
+                    return Box::pin(self.refuse_over_limit(client, client_addr, &refused)).await;
                 }
             };
         let session = server.open_session(reservation);
@@ -145,9 +149,13 @@ impl Frontend {
         );
         let outcome = match self.send_proxy_header(&client, &mut upstream, server).await {
             Ok(()) => {
-                self.relay
-                    .relay(client, upstream, &session.live, self.config.timeout_idle)
-                    .await
+                Box::pin(self.relay.relay(
+                    client,
+                    upstream,
+                    &session.live,
+                    self.config.timeout_idle,
+                ))
+                .await
             }
             Err(error) => Err(error),
         };

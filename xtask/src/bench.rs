@@ -6,6 +6,7 @@
 //! within a round and the starting one rotates between rounds.
 
 mod balancers;
+mod idle;
 mod measure;
 mod procs;
 mod report;
@@ -30,6 +31,8 @@ pub struct Sample {
     /// System-wide busy CPU seconds during the run.
     pub cpu_s: f64,
     pub client_commands: Vec<String>,
+    /// Workload 4: memory and latency of its idle sessions.
+    pub idle: Option<idle::IdleMetrics>,
 }
 
 impl Sample {
@@ -45,6 +48,8 @@ impl Sample {
 /// What the report needs besides the samples.
 pub struct Run {
     pub quick: bool,
+    /// Only some workloads ran (`--only`): not a report for docs/.
+    pub partial: bool,
     pub rounds: usize,
     pub balancers: Vec<Balancer>,
     pub nginx: Result<String, String>,
@@ -55,7 +60,7 @@ pub struct Run {
     pub elapsed_s: f64,
 }
 
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     let started = std::time::Instant::now();
     setup::run()?;
     build_ebpf::run()?;
@@ -96,6 +101,9 @@ pub fn run(quick: bool) -> Result<()> {
         );
         background_cpus.push(background);
         for workload in Workload::ALL {
+            if only.is_some_and(|prefix| !workload.id().starts_with(prefix)) {
+                continue;
+            }
             let messages = (workload.messages() / divisor).max(2);
             for k in 0..balancers.len() {
                 let balancer = balancers[(k + round) % balancers.len()];
@@ -119,6 +127,7 @@ pub fn run(quick: bool) -> Result<()> {
 
     let run = Run {
         quick,
+        partial: only.is_some(),
         rounds,
         balancers,
         nginx: tools.nginx.map(|n| n.version),
@@ -144,6 +153,14 @@ fn measure_one(
     let mut running = balancers::start(balancer, backends, tools, mxlb, dir)?;
     // Let the balancer finish starting (threads, eBPF attach) before the clock starts.
     thread::sleep(Duration::from_millis(300));
+    // Workload 4: the idle sessions are opened (and measured) before the clock starts and
+    // stay open until the messages are through.
+    let idle = if workload == Workload::IdleAndMany {
+        let pid = running.proc.as_ref().map(|p| p.pid());
+        Some(idle::open(&running.targets, pid)?)
+    } else {
+        None
+    };
     let cpu_before = measure::busy_seconds()?;
     let (wall, client_commands) = workloads::run(
         workload,
@@ -154,6 +171,10 @@ fn measure_one(
     )?;
     let cpu_s = measure::busy_seconds()? - cpu_before;
     running.check_alive()?;
+    let idle = idle.map(|(sessions, metrics)| {
+        drop(sessions);
+        metrics
+    });
     Ok(Sample {
         round,
         workload,
@@ -162,5 +183,6 @@ fn measure_one(
         wall_s: wall.as_secs_f64(),
         cpu_s,
         client_commands,
+        idle,
     })
 }

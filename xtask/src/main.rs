@@ -57,6 +57,10 @@ enum Task {
         /// One round with a tenth of the messages: a smoke test (under 2 minutes)
         #[arg(long)]
         quick: bool,
+        /// Only the workloads whose id starts with this (w1, w2, w3, w4), for working on
+        /// one; the report then goes to target/bench-only/, not docs/
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -68,7 +72,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build::run(release),
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::run(&args),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench { quick, only } => bench::run(quick, only.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -158,7 +158,7 @@ impl KernelRelay {
             // definition; relay it in user space.
             self.forget(&[client_cookie, server_cookie]);
             debug!("kernel relay refused the pair ({error:#}); relaying in user space");
-            return Ok(super::userspace::relay(client, server, live, timeout_idle).await);
+            return Ok(Box::pin(super::userspace::relay(client, server, live, timeout_idle)).await);
         }
         if let Some(delay) = self.fault_pairing_delay {
             tokio::time::sleep(delay).await;
@@ -194,7 +194,7 @@ impl KernelRelay {
                 debug!("relaying the rest of the connection in user space");
                 let client = tokio::net::TcpStream::from_std(client.stream)?;
                 let server = tokio::net::TcpStream::from_std(server.stream)?;
-                Ok(super::userspace::relay(client, server, live, timeout_idle).await)
+                Ok(Box::pin(super::userspace::relay(client, server, live, timeout_idle)).await)
             }
         }
     }

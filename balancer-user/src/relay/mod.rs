@@ -197,19 +197,29 @@ impl Relay {
         timeout_idle: std::time::Duration,
     ) -> std::io::Result<Termination> {
         match self {
+            // Each phase boxed, so an idle connection holds only the state of the one it is in.
             Relay::Kernel(kernel) if kernel.relay_after > 0 => {
-                let phase =
-                    userspace::relay_until(client, server, live, timeout_idle, kernel.relay_after)
-                        .await;
+                let phase = Box::pin(userspace::relay_until(
+                    client,
+                    server,
+                    live,
+                    timeout_idle,
+                    kernel.relay_after,
+                ))
+                .await;
                 match phase {
                     userspace::Phase::Finished(ended) => Ok(ended),
                     userspace::Phase::HandOff(client, server) => {
-                        kernel.relay(client, server, live, timeout_idle).await
+                        Box::pin(kernel.relay(client, server, live, timeout_idle)).await
                     }
                 }
             }
-            Relay::Kernel(kernel) => kernel.relay(client, server, live, timeout_idle).await,
-            Relay::UserSpace => Ok(userspace::relay(client, server, live, timeout_idle).await),
+            Relay::Kernel(kernel) => {
+                Box::pin(kernel.relay(client, server, live, timeout_idle)).await
+            }
+            Relay::UserSpace => {
+                Ok(Box::pin(userspace::relay(client, server, live, timeout_idle)).await)
+            }
         }
     }
 }

@@ -1,18 +1,74 @@
-//! The user-space relay: a copy loop per direction, for machines without the kernel relay.
+//! The user-space relay: a copy loop per direction, for machines without the kernel relay,
+//! for the first bytes of an adaptive connection, and for connections that left the kernel.
 //!
 //! Half-close is forwarded (EOF on one side shuts the other side's write half once every
 //! byte is written), as the kernel relay does; a reset on either side closes both at once;
 //! no byte moving in either direction for `timeout_idle` closes both.
+//!
+//! An idle connection holds no buffer: a chunk is read into the thread's one scratch buffer
+//! and written on at once, without waiting in between. Only what the peer's socket cannot
+//! take right away is copied out to wait (ordinary backpressure, rare for SMTP).
 
+use std::cell::RefCell;
+use std::io;
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{LiveTraffic, Termination};
 
 const BUFFER: usize = 16 * 1024;
+
+thread_local! {
+    /// One read buffer per runtime thread, borrowed only between two awaits.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; BUFFER]);
+}
+
+/// What one [`forward`] did.
+enum Forwarded {
+    /// Nothing to read after all (readiness was stale).
+    Nothing,
+    Eof,
+    /// Bytes read; `rest` is the part the peer did not take yet.
+    Chunk {
+        read: usize,
+        rest: Vec<u8>,
+    },
+}
+
+/// Reads what `from` has queued, without waiting, and writes it to `to` as far as `to`
+/// takes it without waiting.
+fn forward(from: &TcpStream, to: &TcpStream) -> Result<Forwarded, Failed> {
+    SCRATCH.with_borrow_mut(|buffer| {
+        let read = match from.try_read(buffer) {
+            Ok(0) => return Ok(Forwarded::Eof),
+            Ok(n) => n,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(Forwarded::Nothing);
+            }
+            Err(_) => return Err(Failed::Reader),
+        };
+        let mut written = 0;
+        while written < read {
+            match to.try_write(&buffer[written..read]) {
+                Ok(n) => written += n,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(Failed::Writer),
+            }
+        }
+        Ok(Forwarded::Chunk {
+            read,
+            rest: buffer[written..read].to_vec(),
+        })
+    })
+}
+
+/// Forwards a half-close: shuts `to`'s write side (errors mean it is closed already).
+fn shutdown_write(to: &TcpStream) {
+    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+}
 
 /// Which socket failed during a copy.
 enum Failed {
@@ -23,23 +79,21 @@ enum Failed {
 /// Relays until both directions reach EOF, one side fails, or nothing moved for
 /// `timeout_idle`, counting into `live`.
 pub async fn relay(
-    mut client: TcpStream,
-    mut server: TcpStream,
+    client: TcpStream,
+    server: TcpStream,
     live: &LiveTraffic,
     timeout_idle: Duration,
 ) -> Termination {
-    let (client_read, client_write) = client.split();
-    let (server_read, server_write) = server.split();
     // Milliseconds since `started` of the last byte moved (atomic: the future must be Send).
     let started = Instant::now();
     let last_activity = AtomicU64::new(0);
     let touch = || last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     let idle_since = || started + Duration::from_millis(last_activity.load(Ordering::Relaxed));
-    let upstream = copy_then_shutdown(client_read, server_write, |n| {
+    let upstream = copy_then_shutdown(&client, &server, |n| {
         live.add_daemon_in(n);
         touch();
     });
-    let downstream = copy_then_shutdown(server_read, client_write, |n| {
+    let downstream = copy_then_shutdown(&server, &client, |n| {
         live.add_daemon_out(n);
         touch();
     });
@@ -72,21 +126,23 @@ pub async fn relay(
 
 /// Copies until EOF, then shuts down the writer, reporting bytes written to `count`.
 async fn copy_then_shutdown(
-    mut from: impl AsyncRead + Unpin,
-    mut to: impl AsyncWrite + Unpin,
+    from: &TcpStream,
+    to: &TcpStream,
     count: impl Fn(u64),
 ) -> Result<(), Failed> {
-    let mut buffer = vec![0; BUFFER];
     loop {
-        let n = from.read(&mut buffer).await.map_err(|_| Failed::Reader)?;
-        if n == 0 {
-            let _ = to.shutdown().await;
-            return Ok(());
+        from.readable().await.map_err(|_| Failed::Reader)?;
+        match forward(from, to)? {
+            Forwarded::Nothing => {}
+            Forwarded::Eof => {
+                shutdown_write(to);
+                return Ok(());
+            }
+            Forwarded::Chunk { read, rest } => {
+                write_all(to, &rest).await.map_err(|_| Failed::Writer)?;
+                count(read as u64);
+            }
         }
-        to.write_all(&buffer[..n])
-            .await
-            .map_err(|_| Failed::Writer)?;
-        count(n as u64);
     }
 }
 
@@ -112,7 +168,6 @@ pub async fn relay_until(
     timeout_idle: Duration,
     threshold: u64,
 ) -> Phase {
-    let mut buffer = vec![0; BUFFER];
     let mut moved = 0u64;
     let (mut client_open, mut server_open) = (true, true);
     // One timer for the whole phase, re-armed only when it fires: moving it on every chunk
@@ -160,24 +215,27 @@ pub async fn relay_until(
                 Termination::ClientReset,
             )
         };
-        let n = match from.try_read(&mut buffer) {
-            Ok(n) => n,
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Phase::Finished(failed_from),
-        };
-        if n == 0 {
-            // Half-close: forward it and stay in user space for the rest (short anyway).
-            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-            if from_client {
-                client_open = false;
-            } else {
-                server_open = false;
+        let n = match forward(from, to) {
+            Ok(Forwarded::Nothing) => continue,
+            Ok(Forwarded::Eof) => {
+                // Half-close: forward it and stay in user space for the rest (short anyway).
+                shutdown_write(to);
+                if from_client {
+                    client_open = false;
+                } else {
+                    server_open = false;
+                }
+                continue;
             }
-            continue;
-        }
-        if write_all(to, &buffer[..n]).await.is_err() {
-            return Phase::Finished(failed_to);
-        }
+            Ok(Forwarded::Chunk { read, rest }) => {
+                if write_all(to, &rest).await.is_err() {
+                    return Phase::Finished(failed_to);
+                }
+                read
+            }
+            Err(Failed::Reader) => return Phase::Finished(failed_from),
+            Err(Failed::Writer) => return Phase::Finished(failed_to),
+        };
         if from_client {
             live.add_daemon_in(n as u64);
         } else {

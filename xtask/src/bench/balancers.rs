@@ -71,11 +71,20 @@ impl Backends {
         for i in 1..=2 {
             let addr = free_port()?;
             let log = dir.join(format!("sink{i}.log"));
-            // -u: required as root (drops to nobody after binding); backlog 1024.
+            // -u: required as root (drops to nobody after binding); -m: up to 2,048
+            // sessions at once (default 256; workload 4 holds 500 idle ones per sink);
+            // backlog 1024.
             let mut proc = Proc::spawn(
                 &format!("smtp-sink {i}"),
                 Command::new(tools::SMTP_SINK)
-                    .args(["-u", "nobody", "-h", &format!("sink{i}.bench.test")])
+                    .args([
+                        "-u",
+                        "nobody",
+                        "-m",
+                        "2048",
+                        "-h",
+                        &format!("sink{i}.bench.test"),
+                    ])
                     .arg(addr.to_string())
                     .arg("1024"),
                 &log,

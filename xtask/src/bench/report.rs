@@ -5,7 +5,9 @@ use std::{fmt::Write as _, fs, process::Command};
 
 use anyhow::Result;
 
-use super::{Run, Sample, balancers::Balancer, measure::median, workloads, workloads::Workload};
+use super::{
+    Run, Sample, balancers::Balancer, idle, measure::median, workloads, workloads::Workload,
+};
 use crate::cmd;
 
 /// Median, min and max of one metric for one balancer and workload.
@@ -94,10 +96,13 @@ fn machine() -> Machine {
 }
 
 /// Writes the report: into docs/ for a full run; a `--quick` smoke run (CI) writes into
-/// target/bench-quick/ so it never replaces the published numbers.
+/// target/bench-quick/ and an `--only` run into target/bench-only/, so neither replaces the
+/// published numbers.
 pub fn write(run: &Run) -> Result<()> {
     let root = cmd::workspace_root();
-    let out = if run.quick {
+    let out = if run.partial {
+        root.join("target/bench-only")
+    } else if run.quick {
         root.join("target/bench-quick")
     } else {
         root.join("docs")
@@ -225,6 +230,8 @@ fn markdown(run: &Run, m: &Machine) -> String {
         let _ = writeln!(md);
     }
 
+    idle_section(&mut md, run);
+
     let commands: Vec<&String> = {
         let mut seen = Vec::new();
         for s in run.samples.iter().filter(|s| s.round == 0) {
@@ -242,12 +249,13 @@ fn markdown(run: &Run, m: &Machine) -> String {
         "\
 - Everything runs on loopback (127.0.0.1) on this one machine: the client, the balancer and
   the two backends share its CPUs.
-- Backends: two Postfix `smtp-sink` processes (`smtp-sink -u nobody -h sinkN.bench.test
-  127.0.0.1:PORT 1024`), started once and used by every balancer.
+- Backends: two Postfix `smtp-sink` processes (`smtp-sink -u nobody -m 2048 -h
+  sinkN.bench.test 127.0.0.1:PORT 1024`), started once and used by every balancer.
 - Client: Postfix `smtp-source`, {sessions} sessions in parallel, {bytes}-byte messages
   (workload 3: 2 sessions, 50 MiB messages). smtp-source disconnects after every message
-  unless given `-d` (smtp-source(1)), so workload 1 runs without `-d`, workloads 2 and 3
-  with it. For **direct**, two smtp-source
+  unless given `-d` (smtp-source(1)), so workload 1 runs without `-d`, workloads 2, 3 and 4
+  with it. Workload 4 is workload 2 while the benchmark itself holds 1,000 idle sessions
+  open through the same balancer (see its section above). For **direct**, two smtp-source
   processes run together, each with half the sessions and half the messages, one per
   backend. The client command lines of the first round (ports vary):
 ",
@@ -270,7 +278,7 @@ fn markdown(run: &Run, m: &Machine) -> String {
     build (`cargo build --release -p balancer-user`).
   - No balancer sends a PROXY header: smtp-sink does not read one (it would answer the
     header line as a bad command), so every balancer does the same work without it.
-- Order: a round runs workload 1 then workload 2; within a workload the balancers take
+- Order: a round runs workloads 1 to 4 in turn; within a workload the balancers take
   turns, and the first one rotates from round to round. An untimed warm-up of 200
   messages goes through every balancer first.
 - Throughput: messages ÷ wall time from starting smtp-source until it (both, for direct)
@@ -285,9 +293,6 @@ fn markdown(run: &Run, m: &Machine) -> String {
 
 ## Not measured yet
 
-- Workload 3 (bulk: 50 MB messages over one session) and workload 4 (1,000 idle sessions
-  while workload 2 runs, and memory per idle session).
-- Latency percentiles of one SMTP round trip through the balancer.
 - The PROXY header (`send-proxy`, `proxy_protocol on`, `send_proxy = \"v1\"`): needs
   backends that consume it (Postfix smtpd with `smtpd_upstream_proxy_protocol`) instead of
   smtp-sink.
@@ -298,6 +303,83 @@ fn markdown(run: &Run, m: &Machine) -> String {
         let _ = writeln!(md, "- NGINX: skipped on this machine ({why}).");
     }
     md
+}
+
+/// Medians over the rounds of one workload-4 metric for one balancer.
+fn idle_median(
+    run: &Run,
+    balancer: Balancer,
+    metric: fn(&idle::IdleMetrics) -> Option<f64>,
+) -> Option<f64> {
+    let values: Vec<f64> = run
+        .samples
+        .iter()
+        .filter(|s| s.balancer == balancer)
+        .filter_map(|s| s.idle.as_ref().and_then(metric))
+        .collect();
+    (!values.is_empty()).then(|| median(&values))
+}
+
+/// Workload 4's memory and latency table.
+fn idle_section(md: &mut String, run: &Run) {
+    if !run.samples.iter().any(|s| s.idle.is_some()) {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "### Workload 4: memory per idle session, and one SMTP round trip\n\n\
+         {} sessions opened one after the other through the balancer, each left idle after \
+         its 220 banner; then one `NOOP` on each of the first {}, one at a time. \
+         \"Balancer memory\" is the growth of the balancer's resident memory (all its \
+         processes) per idle session, measured over the second 500 sessions (the first 500 \
+         use up what a fresh process has resident but free); \"machine memory\" is the \
+         growth of MemTotal − MemAvailable per session over the same sessions, which also counts the kernel's socket buffers of client, \
+         balancer and backends (noisy: it moves with everything on the machine). Latency: \
+         connect until the whole banner line arrived (accept, pick, connect, relay), and \
+         `NOOP` until its `250` line, in microseconds; medians over the rounds.\n",
+        idle::SESSIONS,
+        idle::ROUND_TRIPS
+    );
+    let _ = writeln!(
+        md,
+        "| | balancer memory, KiB / session | vs HAProxy | machine memory, KiB / session | \
+         banner p50 / p90 / p99 µs | NOOP p50 / p90 / p99 µs |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    let haproxy = idle_median(run, Balancer::Haproxy, |m| m.balancer_kib);
+    for balancer in &run.balancers {
+        let get = |f: fn(&idle::IdleMetrics) -> Option<f64>| idle_median(run, *balancer, f);
+        let Some(system) = get(|m| Some(m.system_kib)) else {
+            continue;
+        };
+        let own = get(|m| m.balancer_kib);
+        let triple = |p50: Option<f64>, p90: Option<f64>, p99: Option<f64>| match (p50, p90, p99) {
+            (Some(a), Some(b), Some(c)) => format!("{a:.0} / {b:.0} / {c:.0}"),
+            _ => "–".to_owned(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} | {} | {} |",
+            balancer.label(),
+            own.map_or("–".to_owned(), |k| format!("{k:.1}")),
+            match (own, haproxy) {
+                (Some(a), Some(b)) => ratio(a, b),
+                _ => "–".to_owned(),
+            },
+            system,
+            triple(
+                get(|m| Some(m.banner.p50)),
+                get(|m| Some(m.banner.p90)),
+                get(|m| Some(m.banner.p99))
+            ),
+            triple(
+                get(|m| Some(m.noop.p50)),
+                get(|m| Some(m.noop.p90)),
+                get(|m| Some(m.noop.p99))
+            ),
+        );
+    }
+    let _ = writeln!(md);
 }
 
 fn json_str(s: &str) -> String {
@@ -351,10 +433,28 @@ fn json(run: &Run, m: &Machine) -> String {
         .iter()
         .map(|s| {
             let cmds: Vec<String> = s.client_commands.iter().map(|c| json_str(c)).collect();
+            let idle = s.idle.as_ref().map_or(String::new(), |m| {
+                let p = |p: &idle::Percentiles| {
+                    format!(
+                        "{{\"p50\": {:.1}, \"p90\": {:.1}, \"p99\": {:.1}}}",
+                        p.p50, p.p90, p.p99
+                    )
+                };
+                format!(
+                    ", \"idle\": {{\"sessions\": {}, \"balancer_kib_per_session\": {}, \
+                     \"machine_kib_per_session\": {:.2}, \"banner_us\": {}, \"noop_us\": {}}}",
+                    m.sessions,
+                    m.balancer_kib
+                        .map_or("null".to_owned(), |k| format!("{k:.2}")),
+                    m.system_kib,
+                    p(&m.banner),
+                    p(&m.noop)
+                )
+            });
             format!(
                 "    {{\"round\": {}, \"workload\": {}, \"balancer\": {}, \"messages\": {}, \
                  \"wall_s\": {:.4}, \"cpu_s\": {:.3}, \"msgs_per_s\": {:.1}, \
-                 \"cpu_s_per_10k_msgs\": {:.3}, \"client\": [{}]}}",
+                 \"cpu_s_per_10k_msgs\": {:.3}, \"client\": [{}]{idle}}}",
                 s.round + 1,
                 json_str(s.workload.id()),
                 json_str(s.balancer.id()),

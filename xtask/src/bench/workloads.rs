@@ -22,6 +22,9 @@ pub enum Workload {
     ManyPerSession,
     /// Bulk: 50 MiB messages, one after the other over one session per backend.
     Bulk,
+    /// Workload 2 again, with 1,000 idle sessions open through the same balancer
+    /// (`idle.rs` opens them and measures their memory and round-trip latency).
+    IdleAndMany,
 }
 
 pub const SESSIONS: u32 = 20;
@@ -29,10 +32,11 @@ pub const MESSAGE_BYTES: u32 = 2048;
 pub const BULK_BYTES: u32 = 50 << 20;
 
 impl Workload {
-    pub const ALL: [Workload; 3] = [
+    pub const ALL: [Workload; 4] = [
         Workload::SessionPerMessage,
         Workload::ManyPerSession,
         Workload::Bulk,
+        Workload::IdleAndMany,
     ];
 
     /// Sessions in parallel (split over the backends in the direct case).
@@ -56,6 +60,7 @@ impl Workload {
             Workload::SessionPerMessage => "w1-session-per-message",
             Workload::ManyPerSession => "w2-many-per-session",
             Workload::Bulk => "w3-bulk",
+            Workload::IdleAndMany => "w4-idle-and-many",
         }
     }
 
@@ -64,6 +69,7 @@ impl Workload {
             Workload::SessionPerMessage => "1: one session per message",
             Workload::ManyPerSession => "2: many messages per session (-d)",
             Workload::Bulk => "3: bulk, 50 MiB messages (-d)",
+            Workload::IdleAndMany => "4: workload 2 with 1,000 idle sessions open",
         }
     }
 
@@ -71,7 +77,7 @@ impl Workload {
     pub fn messages(self) -> u32 {
         match self {
             Workload::SessionPerMessage => 10_000,
-            Workload::ManyPerSession => 20_000,
+            Workload::ManyPerSession | Workload::IdleAndMany => 20_000,
             Workload::Bulk => 40,
         }
     }
