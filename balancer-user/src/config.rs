@@ -40,7 +40,7 @@ const MAX_WEIGHT: u32 = 256;
 /// to the socket buffers TCP grants anyway (docs/architecture.md, "Bounded memory").
 const DEFAULT_MAX_INFLIGHT: u64 = 4 << 20;
 /// Measured with `cargo xtask bench` (docs/benchmarks.md): pairing costs more than it saves
-/// for a session of a few KiB, and pays off for bulk.
+/// for a session of a few KiB, and the kernel path only pays for streams.
 const DEFAULT_KERNEL_RELAY_AFTER: u64 = 32 << 10;
 /// A floor, so that a slip such as `"64B"` cannot throttle every relay to a crawl.
 const MIN_MAX_INFLIGHT: u64 = 64 << 10;
@@ -76,8 +76,9 @@ pub struct Global {
     /// two sockets for a slow receiver before that direction pauses (default 4 MiB); 0 is
     /// off (unbounded), otherwise at least 64 KiB.
     pub max_inflight: u64,
-    /// With the kernel relay: bytes a connection relays in user space before its sockets are
-    /// paired in the kernel. Short sessions never pay for pairing; 0 pairs at once.
+    /// With the kernel relay: bytes a connection must move in full 16 KiB reads (a stream,
+    /// not a conversation) before its sockets are paired in the kernel. Short sessions and
+    /// runs of small messages never pay for pairing; 0 pairs at once.
     pub kernel_relay_after: u64,
     /// Threads that run the daemon; 0 (the default) picks one per CPU but one, at least
     /// one: the kernel relay's own work runs in softirq on every CPU, and on the 2-CPU

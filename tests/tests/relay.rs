@@ -538,3 +538,61 @@ fn connect_timeout_fires_and_the_client_gets_421(relay: RelayKind) -> anyhow::Re
     drop(fillers);
     Ok(())
 }
+
+/// The adaptive policy moves a connection to the kernel for a stream, not for a
+/// conversation: 300 request/reply round trips of 1 KiB (300 KiB, far past
+/// `kernel_relay_after`) stay in user space, while one 1 MiB burst on the next connection
+/// goes to the kernel.
+#[test]
+fn adaptive_relay_pairs_streams_not_conversations() -> anyhow::Result<()> {
+    const ROUND_TRIPS: usize = 300;
+    let backend = Backend::spawn(|mut stream, _| {
+        stream.write_all(b"220 chatty\r\n")?;
+        let mut request = [0u8; 1024];
+        let mut received = 0u64;
+        loop {
+            match stream.read(&mut request)? {
+                0 => return Ok(received),
+                n => {
+                    received += n as u64;
+                    // One reply per complete 1 KiB request.
+                    if received % 1024 == 0 {
+                        stream.write_all(b"250 ok\r\n")?;
+                    }
+                }
+            }
+        }
+    })?;
+    let (mxlb, idle_fds) = start_mxlb("adaptive-policy", RelayKind::Adaptive, backend.addr, "v1")?;
+
+    let mut chatty = TcpStream::connect(mxlb.listen)?;
+    chatty.set_read_timeout(Some(REPORT_TIMEOUT))?;
+    assert_eq!(read_line(&mut chatty)?, "220 chatty\r\n");
+    for _ in 0..ROUND_TRIPS {
+        chatty.write_all(&[b'x'; 1024])?;
+        assert_eq!(read_line(&mut chatty)?, "250 ok\r\n");
+    }
+    chatty.shutdown(Shutdown::Write)?;
+    let received: u64 = backend.next_report(REPORT_TIMEOUT)?;
+    assert_eq!(received, (ROUND_TRIPS * 1024) as u64);
+    let line = finished_line(&mxlb, chatty.local_addr()?)?;
+    assert_eq!(
+        log_field(&line, "kernel_bytes")?,
+        0,
+        "a conversation stays in user space: {line}"
+    );
+
+    let mut bulky = TcpStream::connect(mxlb.listen)?;
+    assert_eq!(read_line(&mut bulky)?, "220 chatty\r\n");
+    send_pattern(&mut bulky, 5, MIB)?;
+    bulky.shutdown(Shutdown::Write)?;
+    let received: u64 = backend.next_report(REPORT_TIMEOUT)?;
+    assert_eq!(received, MIB);
+    let line = finished_line(&mxlb, bulky.local_addr()?)?;
+    ensure!(
+        log_field(&line, "kernel_bytes")? > MIB / 2,
+        "a stream moves to the kernel: {line}"
+    );
+    drop((chatty, bulky));
+    mxlb.wait_until_clean(idle_fds, true)
+}

@@ -155,12 +155,18 @@ pub enum Phase {
     HandOff(TcpStream, TcpStream),
 }
 
-/// Relays in user space until `threshold` bytes moved (then hands the sockets back at a
-/// clean boundary: every byte read has been written), or until the connection ends.
+/// Relays in user space until `threshold` bytes came in full reads (then hands the sockets
+/// back at a clean boundary: every byte read has been written), or until the connection
+/// ends.
+///
+/// Only reads that fill the whole buffer count: they mean a stream (the DATA of a large
+/// message) rather than a conversation. An SMTP dialogue or a run of small messages over
+/// one session never fills a read, and on the kernel path every such chunk would wait for a
+/// kworker to send it (measured: no CPU saved on loopback, and slower, see
+/// docs/benchmarks.md, workload 4), so those stay here.
 ///
 /// One task, one direction at a time: a chunk is read and written whole before the next
-/// read, so there is never a partial chunk to carry over. Before the threshold a session
-/// is small, so a write into the peer never has to wait long.
+/// read, so there is never a partial chunk to carry over.
 pub async fn relay_until(
     client: TcpStream,
     server: TcpStream,
@@ -241,7 +247,9 @@ pub async fn relay_until(
         } else {
             live.add_daemon_out(n as u64);
         }
-        moved += n as u64;
+        if n == BUFFER {
+            moved += n as u64;
+        }
         last_activity = Instant::now();
     }
 }
