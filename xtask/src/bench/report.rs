@@ -388,15 +388,17 @@ mxlb the samples are the kernel's TCP and syscall paths (`do_syscall_64`, `sock_
 `tcp_ack`); tokio and mxlb's own code are a fraction of a per cent. Run-to-run noise is
 about ±8 % (see the min–max ranges), so ratios within that band are ties.
 
-The kernel relay does not win these workloads on loopback. Pairing costs syscalls (hence
-the adaptive default: sessions under 32 KiB never pair, and workload 1 runs at user-space
-speed), and afterwards every redirected chunk crosses the peer's psock queue and a
-kworker before it is sent, one send per chunk the client sent. In workload 2 that roughly
-ties with HAProxy. In workload 4, with 500 idle connections on each smtp-sink, mxlb's
-default fell behind while its user-space relay, which reads whatever has arrived and
-writes it in one go, did better than HAProxy; the likely reason (not yet measured) is the
-number of separate deliveries the sinks have to wake up for. A run with the threshold at
-1 MiB instead of 32 KiB did not change the picture beyond the noise, so the default stays.
+The kernel relay does not win these workloads on loopback. Every redirected chunk waits
+on the peer's psock queue for a kworker to send it: in workload 4 the kworkers took 27 %
+of all samples where the user-space daemon took 30 % (perf, same run length), so no CPU is
+saved, and each round trip gains a scheduling hop on CPUs shared with a busy client and
+backends. When the default counted every byte towards `kernel_relay_after`, the sessions
+of workloads 2 and 4 (2 KiB messages, about 2 MB each) were paired after 32 KiB and
+workload 4 ran at 0.76× HAProxy. Since only full 16 KiB reads count (a stream, not a
+conversation), those sessions stay in user space and workload 4 runs at the user-space
+relay's speed; workload 2 stays within the noise of HAProxy. The smtp-sinks read exactly
+as often either way (4 `read`s per message, counted with `perf stat`), so the difference
+is the kernel path's own cost, not the number of deliveries.
 
 Bulk (workload 3) leaves the kernel relay: on loopback the client writes faster than
 smtp-sink reads, so the kernel's queue towards the sink keeps growing, and with the
@@ -408,8 +410,8 @@ reached 1.42× HAProxy and 0.84× direct in the same workload on 2026-11-28, so 
 there the queue stays short and the connection stays in the kernel.
 
 Where mxlb is ahead: memory per idle session (it holds no buffer while idle, and nothing
-in user space once paired: about a third of HAProxy's, a tenth of NGINX's), workload 1,
-and the connect-to-banner latency at the 50th and 99th percentiles.
+in user space once paired: about a third of HAProxy's, a tenth of NGINX's), and workloads
+1 and 4 against HAProxy.
 ";
 
 /// Medians over the rounds of one workload-4 metric for one balancer.
