@@ -556,7 +556,7 @@ fn adaptive_relay_pairs_streams_not_conversations() -> anyhow::Result<()> {
                 n => {
                     received += n as u64;
                     // One reply per complete 1 KiB request.
-                    if received % 1024 == 0 {
+                    if received.is_multiple_of(1024) {
                         stream.write_all(b"250 ok\r\n")?;
                     }
                 }
