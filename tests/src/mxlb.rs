@@ -114,10 +114,33 @@ pub fn binary() -> PathBuf {
 
 /// A unique bpffs pin directory for one test.
 pub fn pin_path(test: &str) -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(remove_stale_pins);
     PathBuf::from(format!(
         "/sys/fs/bpf/mxlb-test-{test}-{}",
         std::process::id()
     ))
+}
+
+/// Removes pin directories left by test processes that were killed (a daemon killed with
+/// SIGKILL cannot remove its pins, and the pins keep its program and maps loaded).
+fn remove_stale_pins() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("mxlb-test-")
+            .and_then(|rest| rest.rsplit('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A running daemon.
