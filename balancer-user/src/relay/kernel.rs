@@ -14,10 +14,10 @@
 //!   own receive queues, so TCP closes their windows, while the peers drain what the relay
 //!   already queued. Once nothing is in flight either way, the daemon withdraws both psocks
 //!   and relays the rest of the connection in user space, where a slow reader slows its
-//!   sender the ordinary way. The connection does not come back to the kernel: a socket
-//!   re-attached after such a pause can be handed a retransmitted segment that overlaps
-//!   bytes it already received, and the verdict path (`tcp_read_skb`) relays such a
-//!   segment whole, duplicating the overlap (docs/architecture.md, "Bounded memory").
+//!   sender the ordinary way. The connection does not come back to the kernel: re-attaching
+//!   a socket after such a pause lost or duplicated whole segments in the memory tests
+//!   (likely `tcp_read_skb` relaying a partially overlapping retransmission whole; see
+//!   docs/architecture.md, "Bounded memory").
 //! - **Half-close.** The kernel does not forward FIN. On EOF from one side the daemon waits
 //!   until the peer socket has taken every byte of that direction (acked + send queue
 //!   reaches what was redirected), then shuts the peer's write side. Shutting it at once
