@@ -203,20 +203,8 @@ fn two_hundred_stalled_connections_stay_bounded() -> Result<()> {
         thread::sleep(SHORT_STALL);
         Ok(digest_until_eof(&mut stream)?)
     })?;
-    let listen = free_addr();
-    let pins = pin_path("stall-200");
-    let text = config(
-        RelayKind::Kernel,
-        &pins,
-        listen,
-        &[ServerEntry {
-            name: "slow",
-            addr: backend.addr,
-            send_proxy: "v1",
-        }],
-    )
-    .replacen("[global]\n", "[global]\nmax_inflight = \"4MiB\"\n", 1);
-    let mxlb = Mxlb::start(&text, listen, &pins)?;
+    let mxlb = start("stall-200", backend.addr)?;
+    let listen = mxlb.listen;
     let before = mem_available()?;
     let progress = Arc::new(AtomicU64::new(0));
     let mut senders = Vec::new();
