@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -95,7 +95,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
 
-    wait_for_stop_signal().await?;
+    let signals = StopSignals::install()?;
+    // Everything is bound and every descriptor the idle daemon keeps is open: tests and
+    // supervisors wait for this line.
+    info!(pid = std::process::id(), "ready");
+    signals.wait().await;
     info!(
         sessions = sessions.len(),
         grace = %humantime::format_duration(config.global.grace),
@@ -280,22 +284,36 @@ fn is_client_error(error: &io::Error) -> bool {
     )
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    // SIGHUP's default action would kill the daemon and every relay with it.
-    let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let name = loop {
-        tokio::select! {
-            _ = terminate.recv() => break "SIGTERM",
-            _ = interrupt.recv() => break "SIGINT",
-            _ = hangup.recv() => {
-                warn!("SIGHUP received: configuration reload is not supported yet; ignored");
+/// The signals that stop the daemon, installed before it reports itself ready so that a
+/// SIGTERM sent right after "ready" is never met by the default action.
+struct StopSignals {
+    terminate: Signal,
+    interrupt: Signal,
+    hangup: Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        Ok(StopSignals {
+            terminate: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            // SIGHUP's default action would kill the daemon and every relay with it.
+            hangup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        let name = loop {
+            tokio::select! {
+                _ = self.terminate.recv() => break "SIGTERM",
+                _ = self.interrupt.recv() => break "SIGINT",
+                _ = self.hangup.recv() => {
+                    warn!("SIGHUP received: configuration reload is not supported yet; ignored");
+                }
             }
-        }
-    };
-    info!("{name} received");
-    Ok(())
+        };
+        info!("{name} received");
+    }
 }
 
 /// The daemon's answer to the stats server: a fresh snapshot per request.

@@ -104,6 +104,11 @@ pub fn with_stats(config: &str, bind: SocketAddr, admin_token: Option<&str>) -> 
     config.replacen("[[listen]]", &format!("{stats}\n[[listen]]"), 1)
 }
 
+/// The daemon's "ready" line, in the text or the JSON log format.
+fn is_ready_line(line: &str) -> bool {
+    line.contains(": ready pid=") || line.contains(r#""message":"ready""#)
+}
+
 /// The `mxlb` binary under test: `MXLB_BIN` (set by `cargo xtask test`), else the debug build.
 pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("MXLB_BIN") {
@@ -200,12 +205,14 @@ impl Mxlb {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !mxlb.log().contains("listening") {
+        // "ready" comes after every listener, the stats server and the signal handlers: the
+        // descriptor count the tests take as "idle" is final by then.
+        while !mxlb.log().lines().any(is_ready_line) {
             if let Some(status) = mxlb.child.try_wait()? {
                 bail!("mxlb exited with {status} during start:\n{}", mxlb.log());
             }
             if Instant::now() > deadline {
-                bail!("mxlb did not start listening within 20s:\n{}", mxlb.log());
+                bail!("mxlb was not ready within 20s:\n{}", mxlb.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -274,6 +281,28 @@ impl Mxlb {
         Ok(std::fs::read_dir(format!("/proc/{}/fd", self.pid()))?.count())
     }
 
+    /// What each open descriptor of the daemon is (socket:[inode], anon_inode:bpf-map, ...),
+    /// for leak reports.
+    pub fn describe_fds(&self) -> String {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return "(daemon gone)".into();
+        };
+        let mut fds: Vec<(u32, String)> = dir
+            .flatten()
+            .filter_map(|entry| {
+                let fd = entry.file_name().to_str()?.parse().ok()?;
+                let target = std::fs::read_link(entry.path()).ok()?;
+                Some((fd, target.display().to_string()))
+            })
+            .collect();
+        fds.sort();
+        let listed: Vec<String> = fds
+            .iter()
+            .map(|(fd, what)| format!("{fd}={what}"))
+            .collect();
+        listed.join(" ")
+    }
+
     /// Entries of a pinned hash map of this daemon, read with bpftool.
     pub fn map_entries(&self, map: &str) -> anyhow::Result<Vec<MapEntry>> {
         self.dump(map)?.iter().map(MapEntry::from_json).collect()
@@ -321,7 +350,11 @@ impl Mxlb {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("leak: {open} fds open (idle: {fds}), map entries left: {entries:?}");
+                bail!(
+                    "leak: {open} fds open (idle: {fds}), map entries left: {entries:?}; \
+                     descriptors: {}",
+                    self.describe_fds()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
