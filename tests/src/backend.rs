@@ -137,6 +137,55 @@ impl Pattern {
     }
 }
 
+/// Compares a stream with [`Pattern`] as it arrives, so a test can say where a stream first
+/// went wrong (lost, duplicated or foreign bytes), not only that its digest differs.
+pub struct PatternCheck {
+    expected: Pattern,
+    /// A window of expected bytes; the pattern comes in 8-byte words, so it is refilled
+    /// whole.
+    want: Vec<u8>,
+    want_at: usize,
+    /// Bytes seen so far.
+    pub received: u64,
+    /// Offset of the first byte that differs from the pattern, if any.
+    pub first_diff: Option<u64>,
+}
+
+impl PatternCheck {
+    pub fn new(seed: u64) -> PatternCheck {
+        PatternCheck {
+            expected: Pattern::new(seed),
+            want: vec![0u8; 256 * 1024],
+            want_at: 256 * 1024,
+            received: 0,
+            first_diff: None,
+        }
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.want_at == self.want.len() {
+                self.expected.fill(&mut self.want);
+                self.want_at = 0;
+            }
+            let n = data.len().min(self.want.len() - self.want_at);
+            let want = &self.want[self.want_at..self.want_at + n];
+            if self.first_diff.is_none() && data[..n] != *want {
+                let at = data.iter().zip(want).position(|(a, b)| a != b);
+                self.first_diff = at.map(|at| self.received + at as u64);
+            }
+            self.want_at += n;
+            self.received += n as u64;
+            data = &data[n..];
+        }
+    }
+
+    /// Bytes received, and where they first differed: what a backend reports.
+    pub fn report(&self) -> (u64, Option<u64>) {
+        (self.received, self.first_diff)
+    }
+}
+
 /// Size and SHA-256 of a byte stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digest256 {
