@@ -1,44 +1,38 @@
 //! The daemon's life: start the relay, bind the listeners, accept until told to stop, then
-//! let established relays finish within `global.grace`.
+//! let established relays finish within `global.grace`. SIGHUP reloads the configuration
+//! in place ([`crate::reload`]).
 //!
-//! The accept loops only accept and spawn: everything a client can stall (reading, the
-//! server connect, a refusal's reply) happens in the client's own task, so a burst of
-//! clients that connect and never send cannot hold up anyone else. An accept that fails
-//! for want of descriptors or memory backs off and tries again; the listener stays.
+//! The listeners and their accept loops are in [`crate::listeners`] and
+//! [`crate::accept`]; this module wires them to the relay, the stats server and the
+//! signals.
 
 use std::io;
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::limits::{Gauge, Throttle, suppressed_note};
+use crate::limits::Gauge;
+use crate::listeners::Listeners;
 use crate::relay::Relay;
+use crate::reload::{ReloadCounters, Reloader};
 use crate::session::Frontend;
 use crate::stats::{AdminError, AdminState, StatsSnapshot, StatsSource};
 
-/// The accept queue holds the listener's `maxconn` (as HAProxy's default backlog), at
-/// least this many, at most [`LISTEN_BACKLOG_MAX`]; the kernel caps it at
-/// `net.core.somaxconn`.
-const LISTEN_BACKLOG_MIN: u32 = 1024;
-const LISTEN_BACKLOG_MAX: u32 = 65_535;
-/// Backoff after an accept failed for want of descriptors or memory: doubling from the
-/// first pause to the last, reset by the next accept that works.
-const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Descriptors the daemon needs beside its connections (listeners, maps, epoll, stats).
 const FD_RESERVE: u64 = 256;
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    refuse_or_warn_unimplemented(&config)?;
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads `config_path` (`None`: the
+/// configuration is built in, as for `mxlb demo`).
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    refuse_unimplemented(&config)?;
     raise_fd_limit(config.global.maxconn);
     let relay = Relay::start(
         config.global.relay,
@@ -50,37 +44,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let sessions = TaskTracker::new();
     let connections = Arc::new(Gauge::new(config.global.maxconn));
+    let mut listeners = Listeners::start(
+        &config.listeners,
+        relay.clone(),
+        connections.clone(),
+        sessions.clone(),
+        stop.clone(),
+    )?;
+    let mut reloader = Reloader::new(config_path, config);
 
-    let mut acceptors = Vec::new();
-    let mut frontends = Vec::new();
-    for listener in &config.listeners {
-        let frontend = Arc::new(Frontend::new(
-            listener.clone(),
-            relay.clone(),
-            connections.clone(),
-        ));
-        frontend.pool.start_monitors(listener, &stop);
-        frontends.push(frontend.clone());
-        for &addr in &listener.bind {
-            let socket = bind(addr, listen_backlog(listener.maxconn))
-                .with_context(|| format!("listener {}: binding {addr}", listener.name))?;
-            info!(listener = %listener.name, %addr, servers = listener.servers.len(), "listening");
-            acceptors.push(tokio::spawn(accept_loop(
-                socket,
-                addr,
-                frontend.clone(),
-                sessions.clone(),
-                stop.clone(),
-            )));
-        }
-    }
-
-    if let Some(stats) = &config.stats {
+    if let Some(stats) = &reloader.running().stats {
         let source = Arc::new(DaemonStats {
             started: Instant::now(),
             relay: relay.clone(),
-            connections,
-            frontends,
+            connections: connections.clone(),
+            frontends: listeners.watch(),
+            reloads: reloader.counters.clone(),
         });
         let socket = tokio::net::TcpListener::bind(stats.bind)
             .await
@@ -95,25 +74,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
 
-    let signals = StopSignals::install()?;
+    let mut signals = Signals::install()?;
     // Everything is bound and every descriptor the idle daemon keeps is open: tests and
     // supervisors wait for this line.
     info!(pid = std::process::id(), "ready");
-    signals.wait().await;
+    while let Wanted::Reload = signals.next().await {
+        reloader.reload(&mut listeners, &connections);
+    }
+    let grace = reloader.running().global.grace;
     info!(
         sessions = sessions.len(),
-        grace = %humantime::format_duration(config.global.grace),
+        grace = %humantime::format_duration(grace),
         "stopping: no new connections; letting relays finish"
     );
+    listeners.stop_accepting().await;
     stop.cancel();
-    for acceptor in acceptors {
-        let _ = acceptor.await;
-    }
     sessions.close();
-    if tokio::time::timeout(config.global.grace, sessions.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
         warn!(
             sessions = sessions.len(),
             "grace period over: closing remaining connections"
@@ -125,8 +102,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Keys the parser accepts (they are part of the contract) but the daemon does not act on
-/// yet: a warning each, or a refusal where ignoring the key would corrupt sessions.
-fn refuse_or_warn_unimplemented(config: &Config) -> anyhow::Result<()> {
+/// yet, refused where ignoring the key would corrupt sessions.
+pub fn refuse_unimplemented(config: &Config) -> anyhow::Result<()> {
     for listener in &config.listeners {
         let name = &listener.name;
         anyhow::ensure!(
@@ -142,7 +119,7 @@ fn refuse_or_warn_unimplemented(config: &Config) -> anyhow::Result<()> {
 /// descriptors (client and server socket), and the usual soft limit of 1024 would stop
 /// the daemon at a few hundred clients. Warns when even the hard limit is short of
 /// `maxconn`: accepts then fail with EMFILE before `maxconn` is reached.
-fn raise_fd_limit(maxconn: u32) {
+pub fn raise_fd_limit(maxconn: u32) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -179,140 +156,38 @@ fn raise_fd_limit(maxconn: u32) {
     }
 }
 
-fn listen_backlog(maxconn: u32) -> u32 {
-    maxconn.clamp(LISTEN_BACKLOG_MIN, LISTEN_BACKLOG_MAX)
+/// What a signal asks of the daemon.
+enum Wanted {
+    Reload,
+    Stop,
 }
 
-fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        // "[::]:25" next to "0.0.0.0:25" must not collide.
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    TcpListener::from_std(socket.into())
-}
-
-/// Accepts on one socket until `stop`, one task per client. The limits are checked in
-/// that task, right away, so clients beyond `maxconn` get their `421` instead of waiting in
-/// the accept queue.
-async fn accept_loop(
-    socket: TcpListener,
-    addr: SocketAddr,
-    frontend: Arc<Frontend>,
-    sessions: TaskTracker,
-    stop: CancellationToken,
-) {
-    let listener = frontend.config.name.as_str();
-    let failure_log = Throttle::new(Duration::from_secs(1));
-    let recovery_log = Throttle::new(Duration::from_secs(1));
-    let mut backoff = ACCEPT_BACKOFF_FIRST;
-    let mut failures: u64 = 0;
-    loop {
-        let accepted: io::Result<(TcpStream, SocketAddr)> = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = socket.accept() => accepted,
-        };
-        let error = match accepted {
-            Ok((client, client_addr)) => {
-                if failures > 0 {
-                    if let Some(suppressed) = recovery_log.allow(Instant::now()) {
-                        info!(
-                            listener, %addr,
-                            "accepting again after {failures} failed accepts{}",
-                            suppressed_note(suppressed)
-                        );
-                    }
-                    failures = 0;
-                    backoff = ACCEPT_BACKOFF_FIRST;
-                }
-                sessions.spawn(frontend.clone().serve(client, client_addr));
-                continue;
-            }
-            Err(error) => error,
-        };
-        frontend.pool.count_accept_error();
-        if is_client_error(&error) {
-            // That one connection failed before we got it; the next is fine.
-            debug!(listener, %addr, %error, "accept: connection failed before it was accepted");
-            continue;
-        }
-        failures += 1;
-        if let Some(suppressed) = failure_log.allow(Instant::now()) {
-            error!(
-                listener, %addr, %error,
-                "accept failed; retrying in {}{}",
-                humantime::format_duration(backoff),
-                suppressed_note(suppressed)
-            );
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-    }
-}
-
-/// Errors of the one connection being accepted, which Linux reports through `accept`
-/// (accept(2), "Error handling"): retry at once. Anything else (EMFILE, ENFILE, ENOBUFS,
-/// ENOMEM, or an error we do not know) backs off, so a shortage cannot spin a core.
-fn is_client_error(error: &io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(
-            libc::ECONNABORTED
-                | libc::EPERM
-                | libc::EPROTO
-                | libc::ENETDOWN
-                | libc::ENOPROTOOPT
-                | libc::EHOSTDOWN
-                | libc::ENONET
-                | libc::EHOSTUNREACH
-                | libc::EOPNOTSUPP
-                | libc::ENETUNREACH
-                | libc::ECONNRESET
-                | libc::ETIMEDOUT
-        )
-    )
-}
-
-/// The signals that stop the daemon, installed before it reports itself ready so that a
-/// SIGTERM sent right after "ready" is never met by the default action.
-struct StopSignals {
+/// The signals the daemon acts on, installed before it reports itself ready so that a
+/// SIGTERM sent right after "ready" is never met by the default action (nor a SIGHUP,
+/// whose default would kill the daemon and every relay with it).
+struct Signals {
     terminate: Signal,
     interrupt: Signal,
     hangup: Signal,
 }
 
-impl StopSignals {
-    fn install() -> anyhow::Result<StopSignals> {
-        Ok(StopSignals {
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
             terminate: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
             interrupt: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
-            // SIGHUP's default action would kill the daemon and every relay with it.
             hangup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
         })
     }
 
-    async fn wait(mut self) {
-        let name = loop {
-            tokio::select! {
-                _ = self.terminate.recv() => break "SIGTERM",
-                _ = self.interrupt.recv() => break "SIGINT",
-                _ = self.hangup.recv() => {
-                    warn!("SIGHUP received: configuration reload is not supported yet; ignored");
-                }
-            }
+    async fn next(&mut self) -> Wanted {
+        let name = tokio::select! {
+            _ = self.hangup.recv() => return Wanted::Reload,
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
         };
         info!("{name} received");
+        Wanted::Stop
     }
 }
 
@@ -322,7 +197,9 @@ struct DaemonStats {
     relay: Relay,
     /// Client connections over all listeners, against `global.maxconn`.
     connections: Arc<Gauge>,
-    frontends: Vec<Arc<Frontend>>,
+    /// The listeners of the configuration in force.
+    frontends: watch::Receiver<Vec<Arc<Frontend>>>,
+    reloads: Arc<ReloadCounters>,
 }
 
 impl StatsSource for DaemonStats {
@@ -333,8 +210,11 @@ impl StatsSource for DaemonStats {
             relay: self.relay.name().to_owned(),
             conns_cur: u64::from(self.connections.open()),
             maxconn: u64::from(self.connections.limit()),
+            reloads: self.reloads.ok(),
+            reload_failures: self.reloads.failed(),
             listeners: self
                 .frontends
+                .borrow()
                 .iter()
                 .map(|frontend| frontend.stats(&self.relay))
                 .collect(),
@@ -343,6 +223,7 @@ impl StatsSource for DaemonStats {
 
     fn set_state(&self, listener: &str, server: &str, state: AdminState) -> Result<(), AdminError> {
         self.frontends
+            .borrow()
             .iter()
             .find(|frontend| frontend.config.name == listener)
             .ok_or_else(|| AdminError::UnknownListener(listener.to_owned()))?

@@ -15,6 +15,7 @@
 //! [`logging`], [`sockopt`] (the socket facts the kernel relay needs) and [`demo`] (two
 //! built-in PROXY-speaking backends for `mxlb demo`).
 
+pub mod accept;
 pub mod balance;
 pub mod config;
 pub mod control;
@@ -22,10 +23,12 @@ pub mod daemon;
 pub mod demo;
 pub mod health;
 pub mod limits;
+pub mod listeners;
 pub mod logging;
 pub mod pool;
 pub mod proxy_header;
 pub mod relay;
+pub mod reload;
 pub mod session;
 pub mod sockopt;
 pub mod stats;

@@ -104,7 +104,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => match Config::load(&config) {
-            Ok(config) => run_daemon(config, false),
+            Ok(loaded) => run_daemon(loaded, Some(config), false),
             Err(error) => {
                 eprintln!("{error}");
                 ExitCode::from(EXIT_CONFIG)
@@ -139,7 +139,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Demo => match mxlb::demo::config() {
-            Ok(config) => run_daemon(config, true),
+            Ok(config) => run_daemon(config, None, true),
             Err(error) => {
                 eprintln!("{error:#}");
                 ExitCode::from(EXIT_CONFIG)
@@ -148,7 +148,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_daemon(config: Config, demo: bool) -> ExitCode {
+/// Runs the daemon; SIGHUP reloads `config_path` (`None` for the demo's built-in one).
+fn run_daemon(config: Config, config_path: Option<PathBuf>, demo: bool) -> ExitCode {
     mxlb::logging::init(config.global.log_format);
     let runtime = match runtime(config.global.daemon_threads()) {
         Ok(runtime) => runtime,
@@ -166,7 +167,7 @@ fn run_daemon(config: Config, demo: bool) -> ExitCode {
                 );
             }
         }
-        mxlb::daemon::run(config).await
+        mxlb::daemon::run(config, config_path).await
     });
     // Dropping the runtime ends the remaining sessions and unpins the kernel relay.
     drop(runtime);

@@ -65,6 +65,21 @@ impl Frontend {
         }
     }
 
+    /// This listener under a reloaded configuration: state shared with `self` (see
+    /// [`Pool::reconfigured`]); the sessions `self` serves keep their settings.
+    pub fn reconfigured(&self, config: Listener) -> Frontend {
+        let pool = Arc::new(self.pool.reconfigured(&config));
+        Frontend {
+            admission: self
+                .admission
+                .reconfigured(pool.sessions.clone(), config.source_limits),
+            selector: balance::selector_for(config.balance),
+            pool,
+            config,
+            relay: self.relay.clone(),
+        }
+    }
+
     /// The listener's numbers for the stats.
     pub fn stats(&self, relay: &Relay) -> ListenerStats {
         ListenerStats {
@@ -240,7 +255,7 @@ impl Frontend {
         refused: &Refused,
     ) {
         self.pool
-            .refusals
+            .refusals()
             .record(&self.config.name, client_addr, refused);
         limits::close_with_reply(client, refused.limit.reply()).await;
     }

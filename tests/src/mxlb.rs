@@ -360,6 +360,34 @@ impl Mxlb {
         }
     }
 
+    /// Writes `config_text` over the daemon's configuration file, sends SIGHUP and waits
+    /// for the daemon's verdict: the line that says the configuration was reloaded, or the
+    /// one that says why not.
+    pub fn reload(&self, config_text: &str) -> anyhow::Result<String> {
+        const VERDICTS: [&str; 2] = ["configuration reloaded", "reload failed"];
+        let before: usize = VERDICTS.iter().map(|v| self.log_lines(v).len()).sum();
+        std::fs::write(self._dir.path().join("mxlb.toml"), config_text)?;
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines: Vec<String> = VERDICTS.iter().flat_map(|v| self.log_lines(v)).collect();
+            if lines.len() > before {
+                // The newest verdict: log lines are in order, so the last of either kind.
+                let log = self.log();
+                let newest = log
+                    .lines()
+                    .rev()
+                    .find(|line| VERDICTS.iter().any(|v| line.contains(v)))
+                    .unwrap_or_default();
+                return Ok(newest.to_owned());
+            }
+            if Instant::now() > deadline {
+                bail!("no reload verdict within 10 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then wait for the exit status.
     pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
         self.terminate();
@@ -367,9 +395,13 @@ impl Mxlb {
     }
 
     fn terminate(&mut self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            libc::kill(self.child.id() as libc::pid_t, signal);
         }
     }
 }

@@ -93,6 +93,13 @@ impl HealthState {
         self.rise
     }
 
+    /// New thresholds from a reload; the state and the counts so far are kept, so a DOWN
+    /// server stays DOWN until its checks say otherwise.
+    pub fn set_thresholds(&mut self, rise: u32, fall: u32) {
+        self.rise = rise.max(1);
+        self.fall = fall.max(1);
+    }
+
     pub fn fall(&self) -> u32 {
         self.fall
     }

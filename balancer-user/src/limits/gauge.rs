@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub struct Gauge {
     open: AtomicU32,
     peak: AtomicU32,
-    /// 0: no ceiling.
-    limit: u32,
+    /// 0: no ceiling. A reload may change it; places already taken stay taken.
+    limit: AtomicU32,
 }
 
 impl Gauge {
@@ -21,16 +21,17 @@ impl Gauge {
         Gauge {
             open: AtomicU32::new(0),
             peak: AtomicU32::new(0),
-            limit,
+            limit: AtomicU32::new(limit),
         }
     }
 
     /// A place, or `None` when the gauge is at its limit.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let limit = self.limit();
         let before = self
             .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                (self.limit == 0 || open < self.limit).then(|| open.saturating_add(1))
+                (limit == 0 || open < limit).then(|| open.saturating_add(1))
             })
             .ok()?;
         self.peak.fetch_max(before + 1, Ordering::Relaxed);
@@ -49,12 +50,19 @@ impl Gauge {
 
     /// The ceiling; 0: none.
     pub fn limit(&self) -> u32 {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// A new ceiling (a reload). Lowering it below the places taken refuses newcomers
+    /// until enough have left; nobody is cut off.
+    pub fn set_limit(&self, limit: u32) {
+        self.limit.store(limit, Ordering::Relaxed);
     }
 
     /// Whether a place is free right now (it may be gone by the time it is asked for).
     pub fn has_room(&self) -> bool {
-        self.limit == 0 || self.open() < self.limit
+        let limit = self.limit();
+        limit == 0 || self.open() < limit
     }
 }
 
@@ -85,6 +93,21 @@ mod tests {
         let c = gauge.try_acquire().expect("room again");
         drop((b, c));
         assert_eq!((gauge.open(), gauge.peak()), (0, 2));
+    }
+
+    #[test]
+    fn a_lowered_limit_keeps_what_is_taken_and_refuses_newcomers() {
+        let gauge = Arc::new(Gauge::new(3));
+        let taken: Vec<_> = (0..3).filter_map(|_| gauge.try_acquire()).collect();
+        gauge.set_limit(1);
+        assert_eq!(gauge.open(), 3);
+        assert!(gauge.try_acquire().is_none());
+        drop(taken);
+        let one = gauge.try_acquire().expect("room under the new limit");
+        assert!(gauge.try_acquire().is_none());
+        gauge.set_limit(0);
+        assert!(gauge.try_acquire().is_some());
+        drop(one);
     }
 
     #[test]

@@ -40,6 +40,7 @@ use crate::config::SourceLimits;
 pub struct Admission {
     global: Arc<Gauge>,
     listener: Arc<Gauge>,
+    limits: SourceLimits,
     /// `None` when no per-source limit is set: then no per-source state is kept.
     sources: Option<Arc<SourceTable>>,
 }
@@ -64,7 +65,25 @@ impl Admission {
         Admission {
             global,
             listener,
+            limits,
             sources: limits.any().then(|| Arc::new(SourceTable::new(limits))),
+        }
+    }
+
+    /// The gates under a reloaded configuration (`listener`: the listener's gauge, whose
+    /// limit the reload has set). The per-source table carries over while the per-source
+    /// limits are unchanged; new limits start a new table, which counts only the clients
+    /// that arrive after the reload.
+    pub fn reconfigured(&self, listener: Arc<Gauge>, limits: SourceLimits) -> Admission {
+        Admission {
+            global: self.global.clone(),
+            listener,
+            limits,
+            sources: if limits == self.limits {
+                self.sources.clone()
+            } else {
+                limits.any().then(|| Arc::new(SourceTable::new(limits)))
+            },
         }
     }
 

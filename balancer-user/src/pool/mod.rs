@@ -32,38 +32,64 @@ pub struct Pool {
     balance: Balance,
     /// Clients being served, with the listener's `maxconn` as the ceiling.
     pub sessions: Arc<Gauge>,
+    /// Kept across reloads, with `sessions` and the servers' own state.
+    counters: Arc<ListenerCounters>,
+}
+
+/// A listener's totals since the daemon started.
+#[derive(Default)]
+struct ListenerCounters {
     sessions_total: AtomicU64,
     refused_no_server: AtomicU64,
     /// Clients refused by a connection limit.
-    pub refusals: Refusals,
+    refusals: Refusals,
     accept_errors: AtomicU64,
 }
 
 impl Pool {
     pub fn new(listener: &Listener) -> Pool {
-        let servers = listener
-            .servers
-            .iter()
-            .map(|server| {
-                Arc::new(ServerRuntime::new(
-                    server.clone(),
-                    CheckSpec::from_config(&listener.check, server),
-                    listener.check.rise,
-                    listener.check.fall,
-                ))
-            })
-            .collect();
         Pool {
             listener: listener.name.clone(),
-            servers,
+            servers: listener
+                .servers
+                .iter()
+                .map(|server| Arc::new(server_runtime(listener, server, None)))
+                .collect(),
             bind: listener.bind.iter().map(ToString::to_string).collect(),
             balance: listener.balance,
             sessions: Arc::new(Gauge::new(listener.maxconn)),
-            sessions_total: AtomicU64::new(0),
-            refused_no_server: AtomicU64::new(0),
-            refusals: Refusals::default(),
-            accept_errors: AtomicU64::new(0),
+            counters: Arc::default(),
         }
+    }
+
+    /// This listener's pool under a reloaded configuration. A server keeps its health,
+    /// admin state and counters when its name and address are unchanged (its other
+    /// settings may change); a server with a new name or address starts afresh, as a new
+    /// server does at start. The listener's counters and open sessions carry over.
+    pub fn reconfigured(&self, listener: &Listener) -> Pool {
+        self.sessions.set_limit(listener.maxconn);
+        Pool {
+            listener: listener.name.clone(),
+            servers: listener
+                .servers
+                .iter()
+                .map(|server| {
+                    let before = self.servers.iter().find(|old| {
+                        old.config.name == server.name && old.config.addr == server.addr
+                    });
+                    Arc::new(server_runtime(listener, server, before.map(AsRef::as_ref)))
+                })
+                .collect(),
+            bind: listener.bind.iter().map(ToString::to_string).collect(),
+            balance: listener.balance,
+            sessions: self.sessions.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// Clients refused by a connection limit.
+    pub fn refusals(&self) -> &Refusals {
+        &self.counters.refusals
     }
 
     /// What the selector needs to know about each server, in configuration order.
@@ -74,17 +100,19 @@ impl Pool {
     /// Counts an admitted client in the total (its place in [`Pool::sessions`] is held by
     /// the admission).
     pub fn count_session(&self) {
-        self.sessions_total.fetch_add(1, Ordering::Relaxed);
+        self.counters.sessions_total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A client was answered 421 because no server could take it.
     pub fn count_refused(&self) {
-        self.refused_no_server.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .refused_no_server
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// An `accept` on one of the listener's sockets failed.
     pub fn count_accept_error(&self) {
-        self.accept_errors.fetch_add(1, Ordering::Relaxed);
+        self.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a health check result; logs results that move the server towards a state
@@ -182,12 +210,12 @@ impl Pool {
             sessions_cur: u64::from(self.sessions.open()),
             sessions_max: u64::from(self.sessions.peak()),
             sessions_limit: u64::from(self.sessions.limit()),
-            sessions_total: self.sessions_total.load(Ordering::Relaxed),
+            sessions_total: self.counters.sessions_total.load(Ordering::Relaxed),
             bytes_in: servers.iter().map(|s| s.bytes_in).sum(),
             bytes_out: servers.iter().map(|s| s.bytes_out).sum(),
-            refused_no_server: self.refused_no_server.load(Ordering::Relaxed),
-            refused_limits: self.refusals.stats(),
-            accept_errors: self.accept_errors.load(Ordering::Relaxed),
+            refused_no_server: self.counters.refused_no_server.load(Ordering::Relaxed),
+            refused_limits: self.counters.refusals.stats(),
+            accept_errors: self.counters.accept_errors.load(Ordering::Relaxed),
             // The frontend owns the per-source table and fills this in.
             sources_tracked: 0,
             servers,
@@ -197,5 +225,20 @@ impl Pool {
     /// Starts one health monitor per checked server; they stop with `stop`.
     pub fn start_monitors(self: &Arc<Self>, listener: &Listener, stop: &CancellationToken) {
         monitor::start(self, listener, stop);
+    }
+}
+
+/// A server's runtime under `listener`'s check settings: a continuation of `before` (the
+/// same server in the previous configuration), if there is one.
+fn server_runtime(
+    listener: &Listener,
+    server: &crate::config::Server,
+    before: Option<&ServerRuntime>,
+) -> ServerRuntime {
+    let check = CheckSpec::from_config(&listener.check, server);
+    let (rise, fall) = (listener.check.rise, listener.check.fall);
+    match before {
+        Some(before) => before.reconfigured(server.clone(), check, rise, fall),
+        None => ServerRuntime::new(server.clone(), check, rise, fall),
     }
 }

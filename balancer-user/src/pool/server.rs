@@ -37,6 +37,13 @@ pub struct ServerRuntime {
     pub config: Server,
     /// How this server is checked; `None`: never checked, always up.
     pub(super) check: Option<CheckSpec>,
+    /// Health, admin state and counters: shared with the runtime of the same server in
+    /// an earlier configuration, so a reload keeps them.
+    state: Arc<ServerState>,
+}
+
+/// What a server keeps across reloads.
+struct ServerState {
     health: Mutex<HealthState>,
     last_check: Mutex<Option<CheckResult>>,
     admin: Mutex<AdminState>,
@@ -68,10 +75,8 @@ struct TrafficBook {
 
 impl ServerRuntime {
     pub(super) fn new(config: Server, check: Option<CheckSpec>, rise: u32, fall: u32) -> Self {
-        ServerRuntime {
+        let state = ServerState {
             sessions: Arc::new(Gauge::new(config.maxconn)),
-            config,
-            check,
             health: Mutex::new(HealthState::new(rise, fall)),
             last_check: Mutex::new(None),
             admin: Mutex::new(AdminState::Ready),
@@ -83,16 +88,43 @@ impl ServerRuntime {
             traffic: Mutex::new(TrafficBook::default()),
             next_session: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
+        };
+        ServerRuntime {
+            config,
+            check,
+            state: Arc::new(state),
         }
+    }
+
+    /// The same server under a reloaded configuration: new settings, the state so far
+    /// (health, admin state, sessions and counters). Sessions opened before the reload
+    /// count against the new `maxconn`.
+    pub(super) fn reconfigured(
+        &self,
+        config: Server,
+        check: Option<CheckSpec>,
+        rise: u32,
+        fall: u32,
+    ) -> ServerRuntime {
+        self.state.sessions.set_limit(config.maxconn);
+        lock(&self.state.health).set_thresholds(rise, fall);
+        let server = ServerRuntime {
+            config,
+            check,
+            state: self.state.clone(),
+        };
+        // Turning checks off (or on) can change the status by itself.
+        server.note_status();
+        server
     }
 
     /// Healthy (or unchecked), whatever the operator says.
     pub fn is_up(&self) -> bool {
-        self.check.is_none() || lock(&self.health).is_up()
+        self.check.is_none() || lock(&self.state.health).is_up()
     }
 
     pub fn admin_state(&self) -> AdminState {
-        *lock(&self.admin)
+        *lock(&self.state.admin)
     }
 
     pub fn status(&self) -> Status {
@@ -111,7 +143,7 @@ impl ServerRuntime {
 
     /// Sessions currently open (or connecting) to this server.
     pub fn sessions(&self) -> u32 {
-        self.sessions.open()
+        self.state.sessions.open()
     }
 
     pub(super) fn candidate(&self) -> Candidate {
@@ -120,7 +152,7 @@ impl ServerRuntime {
             eligible: self.takes_clients(),
             backup: self.config.backup,
             sessions: self.sessions(),
-            full: !self.sessions.has_room(),
+            full: !self.state.sessions.has_room(),
         }
     }
 
@@ -128,18 +160,18 @@ impl ServerRuntime {
     /// clients cannot overshoot its `maxconn`; `None` when it is full. Given back if the
     /// connect fails, or with the session.
     pub fn reserve(&self) -> Option<Reservation> {
-        self.sessions.try_acquire().map(Reservation)
+        self.state.sessions.try_acquire().map(Reservation)
     }
 
     /// Feeds a check result (or a failed client connect) into the health state.
     pub(super) fn record_health(&self, passed: bool) -> Option<Transition> {
-        let transition = lock(&self.health).record(passed);
+        let transition = lock(&self.state.health).record(passed);
         self.note_status();
         transition
     }
 
     pub(super) fn health_change_pending(&self) -> Option<(u32, u32)> {
-        let health = lock(&self.health);
+        let health = lock(&self.state.health);
         health.change_pending().then(|| {
             if health.is_up() {
                 (health.failures(), health.fall())
@@ -155,27 +187,27 @@ impl ServerRuntime {
         fast: Duration,
         down: Duration,
     ) -> Duration {
-        lock(&self.health).next_interval(inter, fast, down)
+        lock(&self.state.health).next_interval(inter, fast, down)
     }
 
     pub(super) fn set_last_check(&self, result: CheckResult) {
-        *lock(&self.last_check) = Some(result);
+        *lock(&self.state.last_check) = Some(result);
     }
 
     pub(super) fn set_admin_state(&self, state: AdminState) -> AdminState {
-        let previous = std::mem::replace(&mut *lock(&self.admin), state);
+        let previous = std::mem::replace(&mut *lock(&self.state.admin), state);
         self.note_status();
         previous
     }
 
     pub(super) fn count_connect_error(&self) {
-        self.connect_errors.fetch_add(1, Ordering::Relaxed);
+        self.state.connect_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Remembers when the status changed and accumulates time spent DOWN.
     fn note_status(&self) {
         let now = self.status();
-        let mut history = lock(&self.status);
+        let mut history = lock(&self.state.status);
         if history.status != now {
             if history.status == Status::Down {
                 let down_for = history.since.elapsed();
@@ -189,9 +221,9 @@ impl ServerRuntime {
     /// Turns a reservation into a session, counted until the returned guard is finished
     /// or dropped.
     pub fn open_session(self: &Arc<Self>, reservation: Reservation) -> SessionGuard {
-        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let id = self.state.next_session.fetch_add(1, Ordering::Relaxed);
         let live = Arc::new(LiveTraffic::default());
-        lock(&self.traffic).live.insert(id, live.clone());
+        lock(&self.state.traffic).live.insert(id, live.clone());
         SessionGuard {
             server: self.clone(),
             _slot: reservation.0,
@@ -203,7 +235,7 @@ impl ServerRuntime {
     /// The numbers the stats show for this server.
     pub fn stats(&self, relay: &Relay) -> ServerStats {
         let (sessions_total, bytes_in, bytes_out, kernel_bytes) = {
-            let book = lock(&self.traffic);
+            let book = lock(&self.state.traffic);
             let mut totals = (
                 book.sessions_total,
                 book.bytes_in,
@@ -220,7 +252,7 @@ impl ServerRuntime {
         };
         let status = self.status();
         let (last_change, downtime) = {
-            let history = lock(&self.status);
+            let history = lock(&self.state.status);
             let current_down = if history.status == Status::Down {
                 history.since.elapsed()
             } else {
@@ -228,7 +260,7 @@ impl ServerRuntime {
             };
             (history.since.elapsed(), history.downtime + current_down)
         };
-        let last_check = lock(&self.last_check).clone();
+        let last_check = lock(&self.state.last_check).clone();
         ServerStats {
             name: self.config.name.clone(),
             addr: self.config.addr.to_string(),
@@ -240,13 +272,13 @@ impl ServerRuntime {
             weight: self.config.weight,
             backup: self.config.backup,
             sessions_cur: u64::from(self.sessions()),
-            sessions_max: u64::from(self.sessions.peak()),
-            sessions_limit: u64::from(self.sessions.limit()),
+            sessions_max: u64::from(self.state.sessions.peak()),
+            sessions_limit: u64::from(self.state.sessions.limit()),
             sessions_total,
             bytes_in,
             bytes_out,
             kernel_bytes,
-            connect_errors: self.connect_errors.load(Ordering::Relaxed),
+            connect_errors: self.state.connect_errors.load(Ordering::Relaxed),
             last_change_secs: last_change.as_secs_f64(),
             downtime_secs: downtime.as_secs_f64(),
         }
@@ -268,7 +300,7 @@ pub struct Reservation(Slot);
 impl SessionGuard {
     /// Moves the finished session's bytes from "live" to the totals, in one step.
     pub fn finish(self, transfer: &Transfer) {
-        let mut book = lock(&self.server.traffic);
+        let mut book = lock(&self.server.state.traffic);
         book.live.remove(&self.id);
         book.sessions_total += 1;
         book.bytes_in += transfer.bytes_in;
@@ -280,7 +312,7 @@ impl SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         // Unfinished (the task was cancelled at shutdown): forget its live entry.
-        lock(&self.server.traffic).live.remove(&self.id);
+        lock(&self.server.state.traffic).live.remove(&self.id);
     }
 }
 

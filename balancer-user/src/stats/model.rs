@@ -19,6 +19,13 @@ pub struct StatsSnapshot {
     pub conns_cur: u64,
     /// `global.maxconn`: the most client connections open at once.
     pub maxconn: u64,
+    /// Configuration reloads (SIGHUP) applied since the start.
+    #[serde(default)]
+    pub reloads: u64,
+    /// Reloads refused (a file that does not parse, an address that cannot be bound); the
+    /// configuration in force stayed.
+    #[serde(default)]
+    pub reload_failures: u64,
     pub listeners: Vec<ListenerStats>,
 }
 

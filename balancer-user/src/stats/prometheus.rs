@@ -155,6 +155,20 @@ fn encode_process(enc: &mut DescriptorEncoder, snapshot: &StatsSnapshot) -> fmt:
             "global.maxconn: the most client connections open at once",
         ),
         gauge(snapshot.maxconn),
+    )?;
+    let reloads = [
+        ("ok", snapshot.reloads),
+        ("failed", snapshot.reload_failures),
+    ];
+    write_family(
+        enc,
+        desc(
+            "config_reloads",
+            "Configuration reloads (SIGHUP) by result; a failed one left the running configuration in force",
+        ),
+        reloads
+            .into_iter()
+            .map(|(result, count)| ([("result", Escaped(result))], ConstCounter::new(count))),
     )
 }
 
@@ -431,6 +445,8 @@ pub(crate) mod tests {
             relay: "kernel".to_owned(),
             conns_cur: 2,
             maxconn: 20000,
+            reloads: 3,
+            reload_failures: 1,
             listeners: vec![
                 ListenerStats {
                     name: "smtp".to_owned(),
@@ -529,6 +545,8 @@ pub(crate) mod tests {
             "mxlb_listener_refused_no_server_total{listener=\"smtp\"} 4",
             "mxlb_connections_current 2",
             "mxlb_connections_limit 20000",
+            "mxlb_config_reloads_total{result=\"ok\"} 3",
+            "mxlb_config_reloads_total{result=\"failed\"} 1",
             "mxlb_listener_sessions_limit{listener=\"smtp\"} 20000",
             "mxlb_listener_refused_total{listener=\"smtp\",reason=\"global\"} 1",
             "mxlb_listener_refused_total{listener=\"smtp\",reason=\"source_rate\"} 8",

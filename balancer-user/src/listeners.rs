@@ -1,0 +1,276 @@
+//! The running listeners: their bound sockets, accept loops and health monitors, and how a
+//! reloaded configuration takes their place without dropping a connection.
+//!
+//! Each configuration is a generation: one [`Frontend`] per listener, one accept loop per
+//! bound address, one health monitor per checked server, all stopped by the generation's
+//! token. A reload binds the addresses that are new first (if one fails, nothing changes),
+//! then builds the new frontends on the old ones' state (health, admin states, counters,
+//! open sessions: [`Frontend::reconfigured`]), starts the new generation on the same
+//! sockets and stops the old one. Clients that arrive meanwhile wait in the socket's
+//! accept queue; sessions already running keep the frontend they started with.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::accept::{accept_loop, bind, listen_backlog, set_backlog};
+use crate::config::Listener;
+use crate::limits::Gauge;
+use crate::relay::Relay;
+use crate::session::Frontend;
+
+/// Every listener of the running configuration.
+pub struct Listeners {
+    relay: Relay,
+    /// Client connections over all listeners, against `global.maxconn`.
+    connections: Arc<Gauge>,
+    sessions: TaskTracker,
+    stop: CancellationToken,
+    /// Bound sockets by address, kept across reloads while a listener binds the address.
+    sockets: HashMap<SocketAddr, Arc<TcpListener>>,
+    generation: Generation,
+    /// The current frontends, for the stats and the admin API.
+    current: watch::Sender<Vec<Arc<Frontend>>>,
+}
+
+/// One configuration's frontends and the tasks that serve them.
+struct Generation {
+    frontends: Vec<Arc<Frontend>>,
+    /// Stops this generation's accept loops and health monitors.
+    token: CancellationToken,
+    acceptors: Vec<JoinHandle<()>>,
+}
+
+/// What a reload changed, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub listeners_added: Vec<String>,
+    pub listeners_removed: Vec<String>,
+    pub addresses_bound: Vec<SocketAddr>,
+    pub addresses_closed: Vec<SocketAddr>,
+    /// `listener/server`, for servers that start afresh (new name or new address).
+    pub servers_added: Vec<String>,
+    /// `listener/server`, for servers that are gone (or moved to another address).
+    pub servers_removed: Vec<String>,
+}
+
+impl Listeners {
+    /// Binds every listener's addresses and starts serving them.
+    pub fn start(
+        listeners: &[Listener],
+        relay: Relay,
+        connections: Arc<Gauge>,
+        sessions: TaskTracker,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Listeners> {
+        let sockets = bind_new(listeners, &HashMap::new())?;
+        for listener in listeners {
+            for addr in &listener.bind {
+                info!(listener = %listener.name, %addr, servers = listener.servers.len(), "listening");
+            }
+        }
+        let frontends = listeners
+            .iter()
+            .map(|listener| {
+                Arc::new(Frontend::new(
+                    listener.clone(),
+                    relay.clone(),
+                    connections.clone(),
+                ))
+            })
+            .collect();
+        let (current, _) = watch::channel(Vec::new());
+        let mut running = Listeners {
+            relay,
+            connections,
+            sessions,
+            generation: Generation {
+                frontends: Vec::new(),
+                token: stop.child_token(),
+                acceptors: Vec::new(),
+            },
+            stop,
+            sockets,
+            current,
+        };
+        running.generation = running.launch(frontends);
+        Ok(running)
+    }
+
+    /// The current frontends, following reloads.
+    pub fn watch(&self) -> watch::Receiver<Vec<Arc<Frontend>>> {
+        self.current.subscribe()
+    }
+
+    /// Replaces the running listeners with `listeners`. On an error (an address that
+    /// cannot be bound) nothing has changed.
+    pub fn reload(&mut self, listeners: &[Listener]) -> anyhow::Result<Changes> {
+        let fresh = bind_new(listeners, &self.sockets)?;
+        let mut changes = Changes::default();
+        let old = &self.generation.frontends;
+        let frontends: Vec<Arc<Frontend>> = listeners
+            .iter()
+            .map(|listener| {
+                let before = old.iter().find(|f| f.config.name == listener.name);
+                let frontend = match before {
+                    Some(before) => before.reconfigured(listener.clone()),
+                    None => {
+                        changes.listeners_added.push(listener.name.clone());
+                        Frontend::new(
+                            listener.clone(),
+                            self.relay.clone(),
+                            self.connections.clone(),
+                        )
+                    }
+                };
+                changes.note_servers(before.map(AsRef::as_ref), Some(&frontend));
+                Arc::new(frontend)
+            })
+            .collect();
+        for gone in old
+            .iter()
+            .filter(|f| !listeners.iter().any(|l| l.name == f.config.name))
+        {
+            changes.listeners_removed.push(gone.config.name.clone());
+            changes.note_servers(Some(gone), None);
+        }
+
+        // Addresses: keep the sockets still wanted (with the new backlog), add the new
+        // ones, close the rest once the old loops have let go of them.
+        let wanted: BTreeSet<SocketAddr> = listeners.iter().flat_map(|l| l.bind.clone()).collect();
+        changes.addresses_bound = fresh.keys().copied().collect();
+        changes.addresses_bound.sort();
+        self.sockets.retain(|addr, _| {
+            let keep = wanted.contains(addr);
+            if !keep {
+                changes.addresses_closed.push(*addr);
+            }
+            keep
+        });
+        changes.addresses_closed.sort();
+        for listener in listeners {
+            for addr in &listener.bind {
+                if let Some(socket) = self.sockets.get(addr)
+                    && let Err(error) = set_backlog(socket, listen_backlog(listener.maxconn))
+                {
+                    // The old queue keeps working; not worth failing the reload for.
+                    warn!(listener = %listener.name, %addr, %error, "cannot resize the accept queue");
+                }
+            }
+        }
+        self.sockets.extend(fresh);
+
+        let next = self.launch(frontends);
+        let previous = std::mem::replace(&mut self.generation, next);
+        previous.token.cancel();
+        Ok(changes)
+    }
+
+    /// Starts a generation for `frontends` on the bound sockets, and publishes it.
+    fn launch(&self, frontends: Vec<Arc<Frontend>>) -> Generation {
+        let token = self.stop.child_token();
+        let mut acceptors = Vec::new();
+        for frontend in &frontends {
+            frontend.pool.start_monitors(&frontend.config, &token);
+            for addr in &frontend.config.bind {
+                let Some(socket) = self.sockets.get(addr) else {
+                    continue;
+                };
+                acceptors.push(tokio::spawn(accept_loop(
+                    socket.clone(),
+                    *addr,
+                    frontend.clone(),
+                    self.sessions.clone(),
+                    token.clone(),
+                )));
+            }
+        }
+        self.current.send_replace(frontends.clone());
+        Generation {
+            frontends,
+            token,
+            acceptors,
+        }
+    }
+
+    /// Stops accepting on every listener and waits until every accept loop has ended.
+    pub async fn stop_accepting(&mut self) {
+        self.generation.token.cancel();
+        for acceptor in self.generation.acceptors.drain(..) {
+            let _ = acceptor.await;
+        }
+        self.sockets.clear();
+    }
+}
+
+/// Binds the addresses of `listeners` that `bound` does not hold yet. All or nothing: on
+/// an error the sockets bound so far are closed again.
+fn bind_new(
+    listeners: &[Listener],
+    bound: &HashMap<SocketAddr, Arc<TcpListener>>,
+) -> anyhow::Result<HashMap<SocketAddr, Arc<TcpListener>>> {
+    let mut fresh = HashMap::new();
+    for listener in listeners {
+        for &addr in &listener.bind {
+            if bound.contains_key(&addr) || fresh.contains_key(&addr) {
+                continue;
+            }
+            let socket = bind(addr, listen_backlog(listener.maxconn))
+                .with_context(|| format!("listener {}: binding {addr}", listener.name))?;
+            fresh.insert(addr, Arc::new(socket));
+        }
+    }
+    Ok(fresh)
+}
+
+impl Changes {
+    /// Servers of `after` that start afresh and servers of `before` that are gone, where
+    /// a server is the same when its name and address are.
+    fn note_servers(&mut self, before: Option<&Frontend>, after: Option<&Frontend>) {
+        let key = |f: &Frontend, i: usize| {
+            let server = &f.pool.servers[i].config;
+            (f.config.name.clone(), server.name.clone(), server.addr)
+        };
+        let keys = |f: Option<&Frontend>| -> BTreeSet<(String, String, SocketAddr)> {
+            f.map(|f| (0..f.pool.servers.len()).map(|i| key(f, i)).collect())
+                .unwrap_or_default()
+        };
+        let (old, new) = (keys(before), keys(after));
+        let name =
+            |(listener, server, _): &(String, String, SocketAddr)| format!("{listener}/{server}");
+        self.servers_added.extend(new.difference(&old).map(name));
+        self.servers_removed.extend(old.difference(&new).map(name));
+    }
+}
+
+impl fmt::Display for Changes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        let mut list = |what: &str, items: Vec<String>| {
+            if !items.is_empty() {
+                parts.push(format!("{what} {}", items.join(", ")));
+            }
+        };
+        list("listeners added:", self.listeners_added.clone());
+        list("listeners removed:", self.listeners_removed.clone());
+        let addrs = |a: &[SocketAddr]| a.iter().map(ToString::to_string).collect();
+        list("bound:", addrs(&self.addresses_bound));
+        list("closed:", addrs(&self.addresses_closed));
+        list("servers added:", self.servers_added.clone());
+        list("servers removed:", self.servers_removed.clone());
+        if parts.is_empty() {
+            f.write_str("no listener, address or server added or removed")
+        } else {
+            f.write_str(&parts.join("; "))
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! SIGHUP: read the configuration file again and apply it in place. Listeners, servers
+//! and limits change at once; connections already relayed (in the kernel or not) are not
+//! touched. A file that does not parse, or an address that cannot be bound, leaves the
+//! running configuration as it was.
+//!
+//! Some `[global]` keys and the `[stats]` section shape the process itself (the relay and
+//! its kernel maps, the log format, the runtime's threads, the stats socket); a reload
+//! that changes them warns and keeps the running values until the next restart.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, Global};
+use crate::limits::Gauge;
+use crate::listeners::Listeners;
+
+/// Reloads so far, by outcome, for the stats.
+#[derive(Debug, Default)]
+pub struct ReloadCounters {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl ReloadCounters {
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// The running configuration and where it came from.
+pub struct Reloader {
+    /// `None` for `mxlb demo`, whose configuration is built in.
+    path: Option<PathBuf>,
+    running: Config,
+    pub counters: Arc<ReloadCounters>,
+}
+
+impl Reloader {
+    pub fn new(path: Option<PathBuf>, running: Config) -> Reloader {
+        Reloader {
+            path,
+            running,
+            counters: Arc::default(),
+        }
+    }
+
+    /// The configuration in force (for `global.grace` at shutdown).
+    pub fn running(&self) -> &Config {
+        &self.running
+    }
+
+    /// Reads the file again and applies it; logs the outcome either way.
+    pub fn reload(&mut self, listeners: &mut Listeners, connections: &Gauge) {
+        let Some(path) = self.path.clone() else {
+            warn!("SIGHUP received: the demo's configuration is built in; nothing to reload");
+            return;
+        };
+        info!(path = %path.display(), "SIGHUP received: reloading the configuration");
+        match self.apply(&path, listeners, connections) {
+            Ok(summary) => {
+                self.counters.ok.fetch_add(1, Ordering::Relaxed);
+                info!(path = %path.display(), "configuration reloaded: {summary}");
+            }
+            Err(error) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                error!(
+                    path = %path.display(),
+                    "reload failed, the running configuration stays: {error:#}"
+                );
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        path: &std::path::Path,
+        listeners: &mut Listeners,
+        connections: &Gauge,
+    ) -> anyhow::Result<String> {
+        // The parse error already names file:line:col.
+        let mut next = Config::load(path).map_err(|error| anyhow::anyhow!("{error}"))?;
+        crate::daemon::refuse_unimplemented(&next)?;
+        for key in restart_only_changes(&self.running.global, &next.global) {
+            warn!("{key} changed: takes effect at the next restart; the running value stays");
+        }
+        if next.stats != self.running.stats {
+            warn!("[stats] changed: takes effect at the next restart; the running one stays");
+        }
+        keep_restart_only(&self.running, &mut next);
+        let changes = listeners
+            .reload(&next.listeners)
+            .context("applying the listeners")?;
+        if next.global.maxconn != self.running.global.maxconn {
+            connections.set_limit(next.global.maxconn);
+            crate::daemon::raise_fd_limit(next.global.maxconn);
+        }
+        self.running = next;
+        Ok(changes.to_string())
+    }
+}
+
+/// The `[global]` keys a reload cannot apply that differ between `running` and `next`.
+pub fn restart_only_changes(running: &Global, next: &Global) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |key, differs: bool| {
+        if differs {
+            changed.push(key);
+        }
+    };
+    check("global.pin_path", running.pin_path != next.pin_path);
+    check("global.relay", running.relay != next.relay);
+    check("global.log_format", running.log_format != next.log_format);
+    check(
+        "global.max_inflight",
+        running.max_inflight != next.max_inflight,
+    );
+    check(
+        "global.kernel_relay_after",
+        running.kernel_relay_after != next.kernel_relay_after,
+    );
+    check("global.threads", running.threads != next.threads);
+    changed
+}
+
+/// Puts the running values of the restart-only settings into `next`, so the running
+/// configuration says what is in force and the next reload compares against it.
+fn keep_restart_only(running: &Config, next: &mut Config) {
+    let global = &running.global;
+    next.global = Global {
+        maxconn: next.global.maxconn,
+        grace: next.global.grace,
+        ..global.clone()
+    };
+    next.stats.clone_from(&running.stats);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LogFormat, RelayMode};
+
+    #[test]
+    fn only_the_process_wide_keys_need_a_restart() {
+        let running = Global::default();
+        let live = Global {
+            maxconn: 7,
+            grace: std::time::Duration::from_secs(1),
+            ..Global::default()
+        };
+        assert!(restart_only_changes(&running, &live).is_empty());
+        let restart = Global {
+            relay: RelayMode::Userspace,
+            log_format: LogFormat::Json,
+            max_inflight: 1 << 20,
+            ..Global::default()
+        };
+        assert_eq!(
+            restart_only_changes(&running, &restart),
+            ["global.relay", "global.log_format", "global.max_inflight"]
+        );
+    }
+
+    #[test]
+    fn the_running_configuration_keeps_what_a_reload_cannot_change() {
+        let running = Config::parse(
+            "[global]\nrelay = \"userspace\"\nmaxconn = 10\n\
+             [stats]\nbind = \"127.0.0.1:8404\"\n\
+             [[listen]]\nname = \"a\"\nbind = [\"127.0.0.1:2525\"]\n\
+             [[listen.server]]\nname = \"s\"\naddr = \"127.0.0.1:25\"\n",
+            "running.toml",
+        )
+        .expect("valid");
+        let mut next = Config::parse(
+            "[global]\nrelay = \"sockmap\"\nmaxconn = 20\n\
+             [[listen]]\nname = \"b\"\nbind = [\"127.0.0.1:2526\"]\n\
+             [[listen.server]]\nname = \"t\"\naddr = \"127.0.0.1:26\"\n",
+            "next.toml",
+        )
+        .expect("valid");
+        keep_restart_only(&running, &mut next);
+        assert_eq!(next.global.relay, RelayMode::Userspace);
+        assert_eq!(next.global.maxconn, 20);
+        assert_eq!(next.stats, running.stats);
+        assert_eq!(next.listeners[0].name, "b");
+    }
+}

@@ -1,0 +1,318 @@
+//! SIGHUP reloads the configuration in place: servers, listeners, addresses and limits
+//! change for new clients, while connections already relayed (in the kernel or not) carry
+//! on untouched, and each server keeps its health, admin state and counters. A file that
+//! does not parse, or an address that cannot be bound, changes nothing.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use mxlb_tests::backend::{Backend, Digest256, Pattern, digest_until_eof, read_line, send_pattern};
+use mxlb_tests::mxlb::http::{get_json, post_json, server};
+use mxlb_tests::mxlb::{
+    Mxlb, RelayKind, ServerEntry, config, config_with_listener_keys, pin_path, with_global_keys,
+    with_stats,
+};
+use mxlb_tests::{free_addr, sha256_hex, wait_until};
+
+const MIB: usize = 1 << 20;
+const TIMEOUT: Duration = Duration::from_secs(20);
+const TOKEN: &str = "reload-admin-token";
+
+/// A backend that greets with its name and reports the digest of what it received.
+fn named(name: &str) -> Result<Backend<Digest256>> {
+    let banner = format!("220 {name}\r\n");
+    Backend::spawn(move |mut stream, _| {
+        stream.write_all(banner.as_bytes())?;
+        Ok(digest_until_eof(&mut stream)?)
+    })
+}
+
+fn entry(name: &str, addr: SocketAddr) -> ServerEntry<'_> {
+    ServerEntry {
+        name,
+        addr,
+        send_proxy: "v1",
+    }
+}
+
+/// A connection through the balancer; returns its banner line.
+fn banner_of(listen: SocketAddr) -> Result<String> {
+    let mut client =
+        TcpStream::connect(listen).with_context(|| format!("connecting to {listen}"))?;
+    client.set_read_timeout(Some(TIMEOUT))?;
+    let banner = read_line(&mut client)?;
+    client.shutdown(Shutdown::Write)?;
+    Ok(banner)
+}
+
+fn stats(base: SocketAddr) -> Result<serde_json::Value> {
+    get_json(&format!("http://{base}/api/stats"))
+}
+
+fn field(value: &serde_json::Value, name: &str) -> u64 {
+    value[name].as_u64().unwrap_or(u64::MAX)
+}
+
+#[test]
+fn kernel_relay_reload_adds_a_server_and_established_relays_carry_on() -> Result<()> {
+    adds_a_server_and_established_relays_carry_on(RelayKind::Kernel)
+}
+
+#[test]
+fn user_space_reload_adds_a_server_and_established_relays_carry_on() -> Result<()> {
+    adds_a_server_and_established_relays_carry_on(RelayKind::UserSpace)
+}
+
+/// A connection relayed before the reload moves its second MiB after it, through the
+/// same server, intact; new clients alternate over both servers; counters carry over and
+/// `global.maxconn` changes.
+fn adds_a_server_and_established_relays_carry_on(relay: RelayKind) -> Result<()> {
+    let (a, b) = (named("a")?, named("b")?);
+    let (listen, base) = (free_addr(), free_addr());
+    let pins = pin_path(&format!("reload-add-{relay:?}"));
+    let before = with_stats(
+        &config(relay, &pins, listen, &[entry("a", a.addr)]),
+        base,
+        None,
+    );
+    let mxlb = Mxlb::start(&before, listen, &pins)?;
+
+    let mut early = TcpStream::connect(listen)?;
+    early.set_read_timeout(Some(TIMEOUT))?;
+    ensure!(read_line(&mut early)? == "220 a\r\n");
+    send_pattern(&mut early, 3, MIB as u64)?;
+
+    let after = with_global_keys(
+        &with_stats(
+            &config(
+                relay,
+                &pins,
+                listen,
+                &[entry("a", a.addr), entry("b", b.addr)],
+            ),
+            base,
+            None,
+        ),
+        "maxconn = 500\n",
+    );
+    let verdict = mxlb.reload(&after)?;
+    ensure!(
+        verdict.contains("configuration reloaded") && verdict.contains("servers added: smtp/b"),
+        "{verdict}"
+    );
+
+    // The early connection goes on through the old configuration's relay.
+    send_pattern(&mut early, 4, MIB as u64)?;
+    early.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    early.read_to_end(&mut rest)?;
+    let mut expected = vec![0u8; 2 * MIB];
+    Pattern::new(3).fill(&mut expected[..MIB]);
+    Pattern::new(4).fill(&mut expected[MIB..]);
+    let received = a.next_report(TIMEOUT)?;
+    ensure!(
+        received.bytes == 2 * MIB as u64 && received.sha256 == sha256_hex(&expected),
+        "the connection relayed across the reload lost or changed bytes: {received:?}"
+    );
+
+    let banners: Vec<String> = (0..4).map(|_| banner_of(listen)).collect::<Result<_>>()?;
+    let from_a = banners.iter().filter(|b| *b == "220 a\r\n").count();
+    let from_b = banners.iter().filter(|b| *b == "220 b\r\n").count();
+    ensure!(
+        from_a == 2 && from_b == 2,
+        "round robin over both: {banners:?}"
+    );
+
+    let snapshot = wait_until(
+        "the four sessions are counted",
+        TIMEOUT,
+        Duration::from_millis(20),
+        || {
+            let snapshot = stats(base)?;
+            let total = |name| server(&snapshot, "smtp", name).map(|s| field(s, "sessions_total"));
+            Ok((total("a")? == 3 && total("b")? == 2).then_some(snapshot))
+        },
+    )?;
+    ensure!(field(&snapshot, "reloads") == 1, "{snapshot}");
+    ensure!(field(&snapshot, "maxconn") == 500, "{snapshot}");
+    let bytes_in = field(server(&snapshot, "smtp", "a")?, "bytes_in");
+    ensure!(
+        bytes_in == 2 * MIB as u64,
+        "server a counted {bytes_in} bytes in, both halves of the early connection expected"
+    );
+    Ok(())
+}
+
+/// A server's health and the operator's admin state survive a reload that changes other
+/// settings: a DOWN server stays DOWN (a new server would start UP), a server in
+/// maintenance stays there, and clients go to the one left.
+#[test]
+fn reload_keeps_health_and_admin_state() -> Result<()> {
+    let (a, b) = (named("a")?, named("b")?);
+    let dead = free_addr();
+    let (listen, base) = (free_addr(), free_addr());
+    let pins = pin_path("reload-state");
+    let checks = "\n[listen.check]\ntype = \"tcp\"\ninter = \"200ms\"\nfastinter = \"200ms\"\n\
+                  downinter = \"200ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 2\n";
+    let servers = [entry("a", a.addr), entry("b", b.addr), entry("dead", dead)];
+    let text = |weight_of_a: u32| {
+        let text = config_with_listener_keys(RelayKind::Kernel, &pins, listen, &servers, checks);
+        let text = text.replacen(
+            "name = \"a\"\n",
+            &format!("name = \"a\"\nweight = {weight_of_a}\n"),
+            1,
+        );
+        with_stats(&text, base, Some(TOKEN))
+    };
+    let mxlb = Mxlb::start(&text(1), listen, &pins)?;
+    wait_until("dead is DOWN", TIMEOUT, Duration::from_millis(50), || {
+        let snapshot = stats(base)?;
+        Ok((server(&snapshot, "smtp", "dead")?["status"] == "DOWN").then_some(()))
+    })?;
+    let (status, body) = post_json(
+        &format!("http://{base}/api/servers/smtp/b/state"),
+        Some(TOKEN),
+        &serde_json::json!({"state": "maint"}),
+    )?;
+    ensure!(status == 200, "{status} {body}");
+
+    let verdict = mxlb.reload(&text(3))?;
+    ensure!(verdict.contains("configuration reloaded"), "{verdict}");
+    let snapshot = stats(base)?;
+    let of = |name| server(&snapshot, "smtp", name);
+    ensure!(of("dead")?["status"] == "DOWN", "{snapshot}");
+    ensure!(of("dead")?["check_status"].is_string(), "{snapshot}");
+    ensure!(of("b")?["status"] == "MAINT", "{snapshot}");
+    ensure!(
+        of("a")?["status"] == "UP" && field(of("a")?, "weight") == 3,
+        "{snapshot}"
+    );
+    for _ in 0..4 {
+        let banner = banner_of(listen)?;
+        ensure!(banner == "220 a\r\n", "only a takes clients: {banner:?}");
+    }
+    Ok(())
+}
+
+/// A reload moves the listener to another address and adds a second listener: the old
+/// address refuses connections, the new ones serve. Changing a restart-only key warns and
+/// keeps the running value.
+#[test]
+fn reload_moves_addresses_and_adds_a_listener() -> Result<()> {
+    let (a, b) = (named("a")?, named("b")?);
+    let (old_addr, new_addr, submission, base) =
+        (free_addr(), free_addr(), free_addr(), free_addr());
+    let pins = pin_path("reload-move");
+    let before = with_stats(
+        &config(RelayKind::Kernel, &pins, old_addr, &[entry("a", a.addr)]),
+        base,
+        None,
+    );
+    let mxlb = Mxlb::start(&before, old_addr, &pins)?;
+    ensure!(banner_of(old_addr)? == "220 a\r\n");
+
+    let moved = config(RelayKind::UserSpace, &pins, new_addr, &[entry("a", a.addr)]);
+    let after = with_stats(&moved, base, None)
+        + &format!(
+            "\n[[listen]]\nname = \"submission\"\nbind = [\"{submission}\"]\n\n\
+             [[listen.server]]\nname = \"b\"\naddr = \"{}\"\nsend_proxy = \"v1\"\n",
+            b.addr
+        );
+    let verdict = mxlb.reload(&after)?;
+    let mut bound = [new_addr, submission];
+    bound.sort();
+    ensure!(
+        verdict.contains("listeners added: submission")
+            && verdict.contains(&format!("bound: {}, {}", bound[0], bound[1]))
+            && verdict.contains(&format!("closed: {old_addr}")),
+        "{verdict}"
+    );
+    ensure!(
+        !mxlb
+            .log_lines("global.relay changed: takes effect at the next restart")
+            .is_empty(),
+        "no warning about the relay mode:\n{}",
+        mxlb.log()
+    );
+    wait_until(
+        "the old address is closed",
+        TIMEOUT,
+        Duration::from_millis(20),
+        || {
+            Ok(match TcpStream::connect(old_addr) {
+                Err(error) if error.kind() == ErrorKind::ConnectionRefused => Some(()),
+                _ => None,
+            })
+        },
+    )?;
+    ensure!(banner_of(new_addr)? == "220 a\r\n");
+    ensure!(banner_of(submission)? == "220 b\r\n");
+    let snapshot = stats(base)?;
+    ensure!(
+        snapshot["relay"] == "kernel",
+        "the relay mode needs a restart: {snapshot}"
+    );
+    let names: Vec<&str> = snapshot["listeners"]
+        .as_array()
+        .context("listeners")?
+        .iter()
+        .filter_map(|l| l["name"].as_str())
+        .collect();
+    ensure!(names == ["smtp", "submission"], "{names:?}");
+    Ok(())
+}
+
+/// A configuration with an unknown key, then one whose new address is taken: each reload
+/// fails with the reason (file:line:col for the first), and the daemon serves on with the
+/// configuration it had.
+#[test]
+fn a_failed_reload_changes_nothing() -> Result<()> {
+    let (a, b) = (named("a")?, named("b")?);
+    let (listen, base) = (free_addr(), free_addr());
+    let pins = pin_path("reload-bad");
+    let good = with_stats(
+        &config(RelayKind::Kernel, &pins, listen, &[entry("a", a.addr)]),
+        base,
+        None,
+    );
+    let mxlb = Mxlb::start(&good, listen, &pins)?;
+
+    let typo = good.replacen("[global]\n", "[global]\nmaxconns = 10\n", 1);
+    let verdict = mxlb.reload(&typo)?;
+    ensure!(
+        verdict.contains("reload failed") && verdict.contains("mxlb.toml:2:1"),
+        "{verdict}"
+    );
+
+    let taken = TcpListener::bind("127.0.0.1:0")?;
+    let taken_addr = taken.local_addr()?;
+    let both = config(RelayKind::Kernel, &pins, listen, &[entry("b", b.addr)]).replace(
+        &format!("bind = [\"{listen}\"]"),
+        &format!("bind = [\"{listen}\", \"{taken_addr}\"]"),
+    );
+    let verdict = mxlb.reload(&with_stats(&both, base, None))?;
+    ensure!(
+        verdict.contains("reload failed") && verdict.contains(&format!("binding {taken_addr}")),
+        "{verdict}"
+    );
+
+    ensure!(
+        banner_of(listen)? == "220 a\r\n",
+        "the old configuration serves"
+    );
+    let snapshot = stats(base)?;
+    ensure!(field(&snapshot, "reloads") == 0, "{snapshot}");
+    ensure!(field(&snapshot, "reload_failures") == 2, "{snapshot}");
+    ensure!(
+        server(&snapshot, "smtp", "b").is_err(),
+        "b must not be there: {snapshot}"
+    );
+    let metrics = mxlb_tests::mxlb::http::get(&format!("http://{base}/metrics"))?.1;
+    ensure!(
+        metrics.contains("mxlb_config_reloads_total{result=\"failed\"} 2"),
+        "{metrics}"
+    );
+    Ok(())
+}
