@@ -32,7 +32,6 @@ const FD_RESERVE: u64 = 256;
 /// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads `config_path` (`None`: the
 /// configuration is built in, as for `mxlb demo`).
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    refuse_unimplemented(&config)?;
     raise_fd_limit(config.global.maxconn);
     let relay = Relay::start(
         config.global.relay,
@@ -98,20 +97,6 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     }
     drop(relay);
     info!("stopped");
-    Ok(())
-}
-
-/// Keys the parser accepts (they are part of the contract) but the daemon does not act on
-/// yet, refused where ignoring the key would corrupt sessions.
-pub fn refuse_unimplemented(config: &Config) -> anyhow::Result<()> {
-    for listener in &config.listeners {
-        let name = &listener.name;
-        anyhow::ensure!(
-            !listener.accept_proxy,
-            "listener {name}: accept_proxy is not supported yet; an upstream PROXY header \
-             would reach the servers as SMTP input"
-        );
-    }
     Ok(())
 }
 

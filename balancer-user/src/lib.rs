@@ -16,6 +16,7 @@
 //! built-in PROXY-speaking backends for `mxlb demo`).
 
 pub mod accept;
+pub mod accept_proxy;
 pub mod balance;
 pub mod config;
 pub mod control;

@@ -87,7 +87,6 @@ impl Reloader {
     ) -> anyhow::Result<String> {
         // The parse error already names file:line:col.
         let mut next = Config::load(path).map_err(|error| anyhow::anyhow!("{error}"))?;
-        crate::daemon::refuse_unimplemented(&next)?;
         for key in restart_only_changes(&self.running.global, &next.global) {
             warn!("{key} changed: takes effect at the next restart; the running value stays");
         }

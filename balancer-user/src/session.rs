@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
+use crate::accept_proxy;
 use crate::balance::{self, Selector};
 use crate::config::{Listener, Server};
 use crate::limits::{self, Admission, Gauge, Limit, Refused};
@@ -41,6 +42,13 @@ impl NoServer {
             NoServer::Unavailable => None,
         }
     }
+}
+
+/// Where a client connection comes from and goes to.
+#[derive(Clone, Copy, Debug)]
+struct Endpoints {
+    source: SocketAddr,
+    destination: SocketAddr,
 }
 
 /// A listener's servers, limits and policy, shared by all its sessions.
@@ -125,8 +133,28 @@ impl Frontend {
     }
 
     /// Serves one accepted client until its relay ends.
-    pub async fn serve(self: Arc<Self>, client: TcpStream, client_addr: SocketAddr) {
+    pub async fn serve(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let started = Instant::now();
+        // Behind an upstream balancer, the client is who its PROXY header names: that is
+        // the address balanced on, limited, logged and passed on to the server.
+        let claimed = if self.config.accept_proxy {
+            let within = self.config.timeout_connect;
+            match Box::pin(accept_proxy::read_header(&client, within)).await {
+                Ok(ProxyHeader::Proxy {
+                    source,
+                    destination,
+                }) => Some(Endpoints {
+                    source,
+                    destination,
+                }),
+                // The upstream's own connection (its health check): its real endpoints.
+                Ok(ProxyHeader::Local) => None,
+                Err(error) => return self.pool.record_bad_proxy_header(peer, &error),
+            }
+        } else {
+            None
+        };
+        let client_addr = claimed.map_or(peer, |claimed| claimed.source);
         let admitted = match self.admission.admit(client_addr.ip()) {
             Ok(admitted) => admitted,
             Err(refused) => {
@@ -162,7 +190,10 @@ impl Frontend {
             server = %server.name,
             "connected to {} in {:?}", server.addr, connect_time
         );
-        let outcome = match self.send_proxy_header(&client, &mut upstream, server).await {
+        let outcome = match self
+            .send_proxy_header(&client, claimed, &mut upstream, server)
+            .await
+        {
             Ok(()) => {
                 Box::pin(self.relay.relay(
                     client,
@@ -263,20 +294,30 @@ impl Frontend {
     /// Writes the whole PROXY header before anything else. Postfix reads it with a single
     /// peek and rejects a header split over two segments; a header is far smaller than a
     /// fresh socket's send buffer, so `write_all` completes it in one `write`.
+    /// The endpoints are the upstream balancer's claim when there is one, else the client
+    /// socket's own.
     async fn send_proxy_header(
         &self,
         client: &TcpStream,
+        claimed: Option<Endpoints>,
         upstream: &mut TcpStream,
         server: &Server,
     ) -> io::Result<()> {
         let Some(version) = server.send_proxy.version() else {
             return Ok(());
         };
+        let endpoints = match claimed {
+            Some(claimed) => claimed,
+            None => Endpoints {
+                source: client.peer_addr()?,
+                destination: client.local_addr()?,
+            },
+        };
         let header = proxy_header::encode(
             version,
             &ProxyHeader::Proxy {
-                source: client.peer_addr()?,
-                destination: client.local_addr()?,
+                source: endpoints.source,
+                destination: endpoints.destination,
             },
         );
         upstream.write_all(&header).await

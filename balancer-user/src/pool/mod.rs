@@ -11,16 +11,19 @@ mod server;
 
 pub use server::{Reservation, ServerRuntime, SessionGuard, Status};
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::accept_proxy::HeaderError;
 use crate::balance::Candidate;
 use crate::config::{Balance, Listener};
 use crate::health::{CheckResult, CheckSpec, Transition};
-use crate::limits::{Gauge, Refusals};
+use crate::limits::{Gauge, Refusals, Throttle, suppressed_note};
 use crate::relay::Relay;
 use crate::stats::{AdminError, AdminState, ListenerStats};
 
@@ -37,13 +40,28 @@ pub struct Pool {
 }
 
 /// A listener's totals since the daemon started.
-#[derive(Default)]
 struct ListenerCounters {
     sessions_total: AtomicU64,
     refused_no_server: AtomicU64,
     /// Clients refused by a connection limit.
     refusals: Refusals,
     accept_errors: AtomicU64,
+    /// Connections closed for a missing or bad PROXY header (`accept_proxy`).
+    bad_proxy_headers: AtomicU64,
+    bad_proxy_header_log: Throttle,
+}
+
+impl Default for ListenerCounters {
+    fn default() -> Self {
+        ListenerCounters {
+            sessions_total: AtomicU64::default(),
+            refused_no_server: AtomicU64::default(),
+            refusals: Refusals::default(),
+            accept_errors: AtomicU64::default(),
+            bad_proxy_headers: AtomicU64::default(),
+            bad_proxy_header_log: Throttle::new(Duration::from_secs(1)),
+        }
+    }
 }
 
 impl Pool {
@@ -108,6 +126,21 @@ impl Pool {
         self.counters
             .refused_no_server
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection on an `accept_proxy` listener came without a usable PROXY header and
+    /// was closed: counted, and logged at most once a second.
+    pub fn record_bad_proxy_header(&self, peer: SocketAddr, error: &HeaderError) {
+        self.counters
+            .bad_proxy_headers
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.counters.bad_proxy_header_log.allow(Instant::now()) {
+            warn!(
+                listener = %self.listener, %peer,
+                "closed a connection without a usable PROXY header: {error}{}",
+                suppressed_note(suppressed)
+            );
+        }
     }
 
     /// An `accept` on one of the listener's sockets failed.
@@ -216,6 +249,7 @@ impl Pool {
             refused_no_server: self.counters.refused_no_server.load(Ordering::Relaxed),
             refused_limits: self.counters.refusals.stats(),
             accept_errors: self.counters.accept_errors.load(Ordering::Relaxed),
+            bad_proxy_headers: self.counters.bad_proxy_headers.load(Ordering::Relaxed),
             // The frontend owns the per-source table and fills this in.
             sources_tracked: 0,
             servers,

@@ -50,6 +50,9 @@ pub struct ListenerStats {
     pub refused_limits: RefusedLimits,
     /// Failed `accept` calls (out of descriptors or memory, mostly).
     pub accept_errors: u64,
+    /// Connections closed because an `accept_proxy` listener got no usable PROXY header.
+    #[serde(default)]
+    pub bad_proxy_headers: u64,
     /// Client sources (addresses or blocks) the per-source limits track now.
     pub sources_tracked: u64,
     pub servers: Vec<ServerStats>,

@@ -241,6 +241,16 @@ fn encode_listeners(enc: &mut DescriptorEncoder, listeners: &[ListenerStats]) ->
     write_family(
         enc,
         desc(
+            "listener_bad_proxy_headers",
+            "Connections closed for a missing or bad PROXY header (accept_proxy)",
+        ),
+        listeners
+            .iter()
+            .map(|l| (labels(l), ConstCounter::new(l.bad_proxy_headers))),
+    )?;
+    write_family(
+        enc,
+        desc(
             "listener_sources_tracked",
             "Client sources (addresses or blocks) the per-source limits track",
         ),
@@ -468,6 +478,7 @@ pub(crate) mod tests {
                         resources: 0,
                     },
                     accept_errors: 6,
+                    bad_proxy_headers: 5,
                     sources_tracked: 42,
                     servers: vec![server("mx1", "UP"), drain, maint, server("mx4", "DOWN")],
                 },
@@ -484,6 +495,7 @@ pub(crate) mod tests {
                     refused_no_server: 0,
                     refused_limits: RefusedLimits::default(),
                     accept_errors: 0,
+                    bad_proxy_headers: 0,
                     sources_tracked: 0,
                     servers: vec![server("sub1", "UP")],
                 },
@@ -552,6 +564,7 @@ pub(crate) mod tests {
             "mxlb_listener_refused_total{listener=\"smtp\",reason=\"source_rate\"} 8",
             "mxlb_listener_refused_total{listener=\"submission\",reason=\"source_conn\"} 0",
             "mxlb_listener_accept_errors_total{listener=\"smtp\"} 6",
+            "mxlb_listener_bad_proxy_headers_total{listener=\"smtp\"} 5",
             "mxlb_listener_sources_tracked{listener=\"smtp\"} 42",
             "mxlb_server_sessions_limit{listener=\"smtp\",server=\"mx1\"} 50",
             "mxlb_server_up{listener=\"smtp\",server=\"mx1\"} 1",
