@@ -15,6 +15,7 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::{LiveTraffic, Termination};
@@ -50,6 +51,9 @@ fn forward(from: &TcpStream, to: &TcpStream) -> Result<Forwarded, Failed> {
             }
             Err(_) => return Err(Failed::Reader),
         };
+        if read < buffer.len() {
+            forget_readiness(from);
+        }
         let mut written = 0;
         while written < read {
             match to.try_write(&buffer[written..read]) {
@@ -63,6 +67,18 @@ fn forward(from: &TcpStream, to: &TcpStream) -> Result<Forwarded, Failed> {
             rest: buffer[written..read].to_vec(),
         })
     })
+}
+
+/// After a short read: the socket's receive queue was empty at that moment (TCP copies
+/// until the queue runs dry or the buffer is full), so its readiness is dropped here rather
+/// than by one more `read` that could only say EAGAIN; that read was a third of the
+/// syscalls of every relayed chunk. Safe with tokio's edge-triggered epoll: data or a FIN
+/// arriving later raises a new event, readiness set by an event seen since the read is
+/// kept (tokio compares ticks), and closed states are never cleared.
+fn forget_readiness(socket: &TcpStream) {
+    let _ = socket.try_io(Interest::READABLE, || {
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
 }
 
 /// Forwards a half-close: shuts `to`'s write side (errors mean it is closed already).
