@@ -30,7 +30,15 @@ impl<R: Send + 'static> Backend<R> {
     pub fn spawn(
         script: impl Fn(TcpStream, ProxyInfo) -> anyhow::Result<R> + Send + Sync + 'static,
     ) -> anyhow::Result<Backend<R>> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Self::spawn_on("127.0.0.1:0".parse()?, script)
+    }
+
+    /// [`Backend::spawn`] on a given address (for example `[::1]:0`).
+    pub fn spawn_on(
+        bind: SocketAddr,
+        script: impl Fn(TcpStream, ProxyInfo) -> anyhow::Result<R> + Send + Sync + 'static,
+    ) -> anyhow::Result<Backend<R>> {
+        let listener = TcpListener::bind(bind)?;
         let addr = listener.local_addr()?;
         let (sender, reports) = mpsc::channel();
         let script = std::sync::Arc::new(script);

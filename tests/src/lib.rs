@@ -144,7 +144,9 @@ const TCP_LISTEN: u8 = 0x0A;
 /// (local address, state) of every TCP socket in this network namespace.
 fn tcp_sockets() -> Result<Vec<(SocketAddr, u8)>> {
     let mut sockets = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    // The calling thread's own tables: a test thread may have joined a network namespace
+    // of its own (`/proc/net` would show the main thread's).
+    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
         let text = match std::fs::read_to_string(table) {
             Ok(text) => text,
             // No IPv6 in this kernel or namespace.

@@ -30,6 +30,8 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     // Inspecting pinned maps and programs.
     "bpftool",
+    // `ip netns` for the IPv6 per-source test (a namespace of its own).
+    "iproute2",
 ];
 
 /// Answer to postfix's install question: install it, configure nothing, start nothing.

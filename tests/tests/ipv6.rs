@@ -1,0 +1,234 @@
+//! IPv6, as an MX faces it: a dual-stack listener (`127.0.0.1:P` and `[::1]:P`, the second
+//! bound v6-only), IPv6 servers, PROXY headers that carry IPv6 clients (v1 `TCP6`, v2), the
+//! kernel relay over IPv6 sockets, and per-source limits that group IPv6 clients by
+//! prefix. The last test runs in a network namespace of its own where any address of
+//! 2001:db8::/48 can be bound, so clients come from distinct IPv6 addresses.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use mxlb_tests::backend::{
+    Backend, Digest256, ProxyInfo, digest_until_eof, pattern_digest, read_line, send_pattern,
+};
+use mxlb_tests::free_port;
+use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+const BANNER: &str = "220 six\r\n";
+const MIB: u64 = 1 << 20;
+
+fn reporting_on(bind: SocketAddr) -> Result<Backend<(ProxyInfo, Digest256)>> {
+    Backend::spawn_on(bind, |mut stream, info| {
+        stream.write_all(BANNER.as_bytes())?;
+        Ok((info, digest_until_eof(&mut stream)?))
+    })
+}
+
+/// A configuration whose listener binds every address in `bind`.
+fn dual_stack_config(
+    relay: RelayKind,
+    test: &str,
+    bind: &[SocketAddr],
+    servers: &[ServerEntry<'_>],
+    keys: &str,
+) -> (String, std::path::PathBuf) {
+    let pins = pin_path(test);
+    let text = config_with_listener_keys(relay, &pins, bind[0], servers, keys);
+    let list: Vec<String> = bind.iter().map(|a| format!("\"{a}\"")).collect();
+    let text = text.replacen(
+        &format!("bind = [\"{}\"]", bind[0]),
+        &format!("bind = [{}]", list.join(", ")),
+        1,
+    );
+    (text, pins)
+}
+
+/// One session from `from` (or any local address) to `to`: 1 MiB after the banner, the
+/// reply read to EOF. Returns the client's own address.
+fn session(from: Option<IpAddr>, to: SocketAddr) -> Result<SocketAddr> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if let Some(from) = from {
+        socket.bind(&SocketAddr::new(from, 0).into())?;
+    }
+    socket.connect_timeout(&to.into(), TIMEOUT)?;
+    let mut client = TcpStream::from(socket);
+    client.set_read_timeout(Some(TIMEOUT))?;
+    ensure!(read_line(&mut client)? == BANNER);
+    send_pattern(&mut client, 6, MIB)?;
+    client.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest)?;
+    Ok(client.local_addr()?)
+}
+
+#[test]
+fn kernel_relay_over_ipv6_with_v1_and_v2_headers() -> Result<()> {
+    dual_stack(RelayKind::Kernel)
+}
+
+#[test]
+fn user_space_relay_over_ipv6_with_v1_and_v2_headers() -> Result<()> {
+    dual_stack(RelayKind::UserSpace)
+}
+
+/// Clients over IPv6 and IPv4 to one dual-stack listener; servers on `[::1]` getting a v1
+/// and a v2 header: each server sees the true client and listener address, and every
+/// byte.
+fn dual_stack(relay: RelayKind) -> Result<()> {
+    let v1 = reporting_on("[::1]:0".parse()?)?;
+    let v2 = reporting_on("[::1]:0".parse()?)?;
+    let port = free_port();
+    let v6: SocketAddr = (Ipv6Addr::LOCALHOST, port).into();
+    let v4: SocketAddr = ([127, 0, 0, 1], port).into();
+    let servers = [
+        ServerEntry {
+            name: "v1",
+            addr: v1.addr,
+            send_proxy: "v1",
+        },
+        ServerEntry {
+            name: "v2",
+            addr: v2.addr,
+            send_proxy: "v2",
+        },
+    ];
+    let (text, pins) =
+        dual_stack_config(relay, &format!("ipv6-{relay:?}"), &[v4, v6], &servers, "");
+    let _mxlb = Mxlb::start(&text, v6, &pins)?;
+
+    // Round robin: v1, v2, v1, v2.
+    for (listener, backend) in [(v6, &v1), (v6, &v2), (v4, &v1), (v4, &v2)] {
+        let client = session(None, listener)?;
+        let (info, digest) = backend.next_report(TIMEOUT)?;
+        ensure!(digest == pattern_digest(6, MIB), "{listener}: {digest:?}");
+        ensure!(
+            info.source == client && info.destination == listener,
+            "{listener}: the server was told {info:?}, the client was {client}"
+        );
+    }
+    Ok(())
+}
+
+/// A network namespace for one test: loopback up, and every address of 2001:db8::/48 local
+/// and bindable (a `local` route and `ip_nonlocal_bind`). Removed on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create() -> Result<Netns> {
+        let name = format!("mxlb-test-v6-{}", std::process::id());
+        let netns = Netns { name };
+        let ip = |args: &[&str]| -> Result<()> {
+            let output = Command::new("ip")
+                .args(args)
+                .output()
+                .context("running ip")?;
+            if !output.status.success() {
+                bail!("ip {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+            }
+            Ok(())
+        };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &netns.name])
+            .output();
+        ip(&["netns", "add", &netns.name])?;
+        ip(&["-n", &netns.name, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            &netns.name,
+            "-6",
+            "route",
+            "add",
+            "local",
+            "2001:db8::/48",
+            "dev",
+            "lo",
+        ])?;
+        ip(&[
+            "netns",
+            "exec",
+            &netns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv6.ip_nonlocal_bind=1",
+        ])?;
+        Ok(netns)
+    }
+
+    /// Runs `f` on a thread that has joined the namespace: its sockets, and the threads
+    /// and processes it starts, live there.
+    fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = std::fs::File::open(&path).with_context(|| path.clone())?;
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: setns on a descriptor we own; it changes only this thread.
+                    let joined = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    ensure!(joined == 0, "setns: {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .expect("netns thread")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// `max_conn_per_source = 1` with the default IPv6 grouping (/64): a second client from
+/// another address of the same /64 is refused with 421 4.7.0, a client from the next /64
+/// is served. A host cannot dodge a per-source limit by hopping through its /64.
+#[test]
+fn ipv6_sources_are_grouped_by_prefix() -> Result<()> {
+    let netns = Netns::create()?;
+    netns.run(|| {
+        let backend = reporting_on("[2001:db8::25]:0".parse()?)?;
+        let listen: SocketAddr = "[2001:db8::2525]:2525".parse()?;
+        let servers = [ServerEntry {
+            name: "six",
+            addr: backend.addr,
+            send_proxy: "v2",
+        }];
+        let (text, pins) = dual_stack_config(
+            RelayKind::Kernel,
+            "ipv6-prefix",
+            &[listen],
+            &servers,
+            "max_conn_per_source = 1\n",
+        );
+        let _mxlb = Mxlb::start(&text, listen, &pins)?;
+        let open = |from: &str| -> Result<(TcpStream, String)> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+            let from: IpAddr = from.parse()?;
+            socket.bind(&SocketAddr::new(from, 0).into())?;
+            socket.connect_timeout(&listen.into(), TIMEOUT)?;
+            let mut client = TcpStream::from(socket);
+            client.set_read_timeout(Some(TIMEOUT))?;
+            let first = read_line(&mut client)?;
+            Ok((client, first))
+        };
+        let (_held, first) = open("2001:db8::a")?;
+        ensure!(first == BANNER, "{first:?}");
+        let (_same_64, second) = open("2001:db8::b")?;
+        ensure!(second.starts_with("421 4.7.0"), "same /64: {second:?}");
+        let (_next_64, third) = open("2001:db8:0:1::a")?;
+        ensure!(third == BANNER, "the next /64: {third:?}");
+        Ok(())
+    })
+}
