@@ -53,6 +53,7 @@ fn page_header(snapshot: &StatsSnapshot) -> String {
 <div><dt>uptime</dt><dd title="{uptime_exact:.0} s">{uptime}</dd></div>
 <div><dt>servers up</dt><dd>{up}/{total}</dd></div>
 <div><dt>connections</dt><dd title="global maxconn {maxconn}">{conns}/{maxconn}</dd></div>
+<div><dt>reloads</dt><dd title="configuration reloads (SIGHUP) applied / refused"{reload_class}>{reloads}/{reload_failures}</dd></div>
 </dl>
 </header>"#,
         version = escape(&snapshot.version),
@@ -61,6 +62,10 @@ fn page_header(snapshot: &StatsSnapshot) -> String {
         uptime = human_duration(snapshot.uptime_secs),
         conns = snapshot.conns_cur,
         maxconn = snapshot.maxconn,
+        reloads = snapshot.reloads,
+        reload_failures = snapshot.reload_failures,
+        // A refused reload means the file on disk is not what runs: worth a colour.
+        reload_class = warn_if(snapshot.reload_failures > 0),
     )
 }
 
@@ -126,11 +131,7 @@ fn server_row(listener: &ListenerStats, s: &ServerStats) -> String {
         bytes_in = bytes_cell(s.bytes_in),
         bytes_out = bytes_cell(s.bytes_out),
         kernel = kernel_cell(s.kernel_bytes, s.bytes_in.saturating_add(s.bytes_out)),
-        err_class = if s.connect_errors > 0 {
-            r#" class="warn""#
-        } else {
-            ""
-        },
+        err_class = warn_if(s.connect_errors > 0),
         errors = s.connect_errors,
         change_exact = finite_or_zero(s.last_change_secs),
         change = human_duration(s.last_change_secs),
@@ -139,16 +140,23 @@ fn server_row(listener: &ListenerStats, s: &ServerStats) -> String {
     )
 }
 
+/// The attribute that colours a cell as a warning, when `warn`.
+fn warn_if(warn: bool) -> &'static str {
+    if warn { r#" class="warn""# } else { "" }
+}
+
 /// The listener's own counters (not a sum of the rows: sessions refused for want of a
 /// server never reach one), plus the servers' kernel share and connect errors.
 fn totals_row(listener: &ListenerStats) -> String {
     let kernel: u64 = listener.servers.iter().map(|s| s.kernel_bytes).sum();
     let errors: u64 = listener.servers.iter().map(|s| s.connect_errors).sum();
     let limits = &listener.refused_limits;
-    let refused_class = if listener.refused_no_server > 0 || limits.total() > 0 {
-        r#" class="warn""#
+    let refused_class = warn_if(listener.refused_no_server > 0 || limits.total() > 0);
+    // Only on listeners that saw any: most listeners have no upstream balancer.
+    let bad_headers = if listener.bad_proxy_headers > 0 {
+        format!(" · bad PROXY headers: {}", listener.bad_proxy_headers)
     } else {
-        ""
+        String::new()
     };
     let by_limit = limits
         .by_reason()
@@ -157,7 +165,7 @@ fn totals_row(listener: &ListenerStats) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        r#"<tr class="totals"><th colspan="5" class="left">Total</th><td>{cur}</td><td>{max}</td>{limit}<td>{total}</td>{bytes_in}{bytes_out}{kernel}<td>{errors}</td><td colspan="2"{refused_class} title="Clients answered 421: no server could take them (4.3.0), or a limit was reached (4.7.0, 4.3.2: {by_limit}); {accept_errors} failed accepts">refused (no server): {refused} · (limits): {refused_limits}</td></tr>"#,
+        r#"<tr class="totals"><th colspan="5" class="left">Total</th><td>{cur}</td><td>{max}</td>{limit}<td>{total}</td>{bytes_in}{bytes_out}{kernel}<td>{errors}</td><td colspan="2"{refused_class} title="Clients answered 421: no server could take them (4.3.0), or a limit was reached (4.7.0, 4.3.2: {by_limit}); {accept_errors} failed accepts">refused (no server): {refused} · (limits): {refused_limits}{bad_headers}</td></tr>"#,
         cur = listener.sessions_cur,
         max = listener.sessions_max,
         limit = limit_cell(listener.sessions_limit),
@@ -369,6 +377,26 @@ mod tests {
         ] {
             assert!(page.contains(needle), "missing {needle:?}");
         }
+    }
+
+    #[test]
+    fn reloads_and_bad_proxy_headers_show_and_a_refused_reload_warns() {
+        let mut snapshot = sample();
+        snapshot.reloads = 0;
+        snapshot.reload_failures = 0;
+        snapshot.listeners[0].bad_proxy_headers = 0;
+        let page = render(&snapshot);
+        assert!(page.contains(r#"applied / refused">0/0</dd>"#), "{page}");
+        assert!(!page.contains("bad PROXY headers"));
+        snapshot.reloads = 4;
+        snapshot.reload_failures = 1;
+        snapshot.listeners[0].bad_proxy_headers = 3;
+        let page = render(&snapshot);
+        assert!(
+            page.contains(r#"applied / refused" class="warn">4/1</dd>"#),
+            "{page}"
+        );
+        assert!(page.contains(" · bad PROXY headers: 3</td>"), "{page}");
     }
 
     #[test]
