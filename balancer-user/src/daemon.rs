@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::limits::Gauge;
 use crate::listeners::Listeners;
+use crate::notify::Notifier;
 use crate::relay::Relay;
 use crate::reload::{ReloadCounters, Reloader};
 use crate::session::Frontend;
@@ -74,12 +75,17 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     }
 
     let mut signals = Signals::install()?;
+    let systemd = Notifier::from_env();
     // Everything is bound and every descriptor the idle daemon keeps is open: tests and
-    // supervisors wait for this line.
+    // supervisors wait for this line (systemd for the READY=1).
     info!(pid = std::process::id(), "ready");
+    systemd.ready("serving");
     while let Wanted::Reload = signals.next().await {
-        reloader.reload(&mut listeners, &connections);
+        systemd.reloading();
+        let outcome = reloader.reload(&mut listeners, &connections);
+        systemd.ready(outcome);
     }
+    systemd.stopping();
     let grace = reloader.running().global.grace;
     info!(
         sessions = sessions.len(),

@@ -26,6 +26,7 @@ pub mod health;
 pub mod limits;
 pub mod listeners;
 pub mod logging;
+pub mod notify;
 pub mod pool;
 pub mod proxy_header;
 pub mod relay;

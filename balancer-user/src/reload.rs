@@ -57,17 +57,19 @@ impl Reloader {
         &self.running
     }
 
-    /// Reads the file again and applies it; logs the outcome either way.
-    pub fn reload(&mut self, listeners: &mut Listeners, connections: &Gauge) {
+    /// Reads the file again and applies it; logs the outcome either way and returns it in
+    /// a few words (systemd's status line).
+    pub fn reload(&mut self, listeners: &mut Listeners, connections: &Gauge) -> &'static str {
         let Some(path) = self.path.clone() else {
             warn!("SIGHUP received: the demo's configuration is built in; nothing to reload");
-            return;
+            return "serving (the demo has nothing to reload)";
         };
         info!(path = %path.display(), "SIGHUP received: reloading the configuration");
         match self.apply(&path, listeners, connections) {
             Ok(summary) => {
                 self.counters.ok.fetch_add(1, Ordering::Relaxed);
                 info!(path = %path.display(), "configuration reloaded: {summary}");
+                "serving (configuration reloaded)"
             }
             Err(error) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -75,6 +77,7 @@ impl Reloader {
                     path = %path.display(),
                     "reload failed, the running configuration stays: {error:#}"
                 );
+                "serving (the last reload failed; see the log)"
             }
         }
     }

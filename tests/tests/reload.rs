@@ -316,3 +316,51 @@ fn a_failed_reload_changes_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+/// Started by systemd (`Type=notify` / `notify-reload`): the daemon says READY=1 once it
+/// serves, RELOADING=1 then READY=1 around a reload, STOPPING=1 at SIGTERM.
+#[test]
+fn systemd_is_told_ready_reloading_and_stopping() -> Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+
+    let a = named("a")?;
+    let (listen, base) = (free_addr(), free_addr());
+    let pins = pin_path("reload-notify");
+    let text = with_stats(
+        &config(RelayKind::Kernel, &pins, listen, &[entry("a", a.addr)]),
+        base,
+        None,
+    );
+    let name = format!("mxlb-test-notify-{}", std::process::id());
+    let systemd = UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes())?)?;
+    systemd.set_read_timeout(Some(TIMEOUT))?;
+    let mut buffer = [0u8; 512];
+    let mut next = || -> Result<String> {
+        let n = systemd.recv(&mut buffer).context("no sd_notify message")?;
+        Ok(String::from_utf8_lossy(&buffer[..n]).into_owned())
+    };
+    let socket = format!("@{name}");
+    let mxlb = Mxlb::start_with_env(&text, listen, &pins, &[("NOTIFY_SOCKET", &socket)])?;
+    let ready = next()?;
+    ensure!(
+        ready.starts_with("READY=1\nSTATUS=serving\n")
+            && ready.contains(&format!("MAINPID={}", mxlb.pid())),
+        "{ready:?}"
+    );
+    ensure!(mxlb.reload(&text)?.contains("configuration reloaded"));
+    let reloading = next()?;
+    ensure!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    let reloaded = next()?;
+    ensure!(
+        reloaded.starts_with("READY=1\nSTATUS=serving (configuration reloaded)"),
+        "{reloaded:?}"
+    );
+    let status = mxlb.stop()?;
+    ensure!(status.success(), "{status}");
+    ensure!(next()? == "STOPPING=1");
+    Ok(())
+}
