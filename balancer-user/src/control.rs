@@ -75,6 +75,19 @@ pub fn render_table(snapshot: &StatsSnapshot) -> String {
         snapshot.conns_cur,
         snapshot.maxconn
     );
+    if snapshot.reloads + snapshot.reload_failures > 0 {
+        let _ = writeln!(
+            out,
+            "reloads: {} applied, {} refused{}",
+            snapshot.reloads,
+            snapshot.reload_failures,
+            if snapshot.reload_failures > 0 {
+                " (the log says why; the file on disk may not be what runs)"
+            } else {
+                ""
+            }
+        );
+    }
     for listener in &snapshot.listeners {
         let _ = writeln!(
             out,
@@ -98,6 +111,13 @@ pub fn render_table(snapshot: &StatsSnapshot) -> String {
             .collect();
         if !limits.is_empty() {
             let _ = writeln!(out, "  refused over limits: {}", limits.join(", "));
+        }
+        if listener.bad_proxy_headers > 0 {
+            let _ = writeln!(
+                out,
+                "  closed without a usable PROXY header: {}",
+                listener.bad_proxy_headers
+            );
         }
         let _ = writeln!(
             out,
@@ -142,4 +162,40 @@ pub fn render_table(snapshot: &StatsSnapshot) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::prometheus::tests::sample;
+
+    #[test]
+    fn the_table_names_reloads_and_bad_headers_only_when_there_are_any() {
+        let mut snapshot = sample();
+        snapshot.reloads = 0;
+        snapshot.reload_failures = 0;
+        snapshot.listeners[0].bad_proxy_headers = 0;
+        let quiet = render_table(&snapshot);
+        assert!(
+            !quiet.contains("reloads:") && !quiet.contains("PROXY header"),
+            "{quiet}"
+        );
+
+        snapshot.reloads = 2;
+        snapshot.reload_failures = 1;
+        snapshot.listeners[0].bad_proxy_headers = 7;
+        let table = render_table(&snapshot);
+        assert!(
+            table.contains("reloads: 2 applied, 1 refused (the log says why"),
+            "{table}"
+        );
+        assert!(
+            table.contains("  closed without a usable PROXY header: 7\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("listener smtp (0.0.0.0:25 [::]:25, roundrobin)"),
+            "{table}"
+        );
+    }
 }
