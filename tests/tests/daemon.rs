@@ -73,6 +73,59 @@ fn bpftool_shows_the_pinned_program_and_maps_while_running() -> Result<()> {
     Ok(())
 }
 
+/// A daemon started while the old one still drains (a restart by hand) takes the pins over;
+/// the old one, when it exits, leaves the new one's pins in place.
+#[test]
+fn a_newer_daemon_keeps_its_pins_when_the_old_one_exits() -> Result<()> {
+    let backend = TcpListener::bind("127.0.0.1:0")?;
+    let pins = pin_path("pins-handover");
+    let start = |listen| {
+        let text = config(
+            RelayKind::Kernel,
+            &pins,
+            listen,
+            &[ServerEntry {
+                name: "idle",
+                addr: backend.local_addr()?,
+                send_proxy: "none",
+            }],
+        );
+        Mxlb::start(&text, listen, &pins)
+    };
+    let program_id = || -> Result<serde_json::Value> {
+        Ok(bpftool_json(&["prog", "show", "pinned"], &pins.join("mxlb_verdict"))?["id"].clone())
+    };
+    let old = start(free_addr())?;
+    let old_program = program_id()?;
+    let new = start(free_addr())?;
+    let new_program = program_id()?;
+    ensure!(
+        old_program != new_program,
+        "the new daemon pinned its own program"
+    );
+    ensure!(
+        !new.log_lines("removing a pin left by an earlier run")
+            .is_empty(),
+        "{}",
+        new.log()
+    );
+
+    ensure!(old.stop()?.success());
+    ensure!(
+        program_id()? == new_program,
+        "the old daemon's exit must leave the new daemon's pins"
+    );
+    for map in ["mxlb_socks", "mxlb_peers", "mxlb_traffic", "mxlb_events"] {
+        ensure!(pins.join(map).exists(), "{map} pin gone");
+    }
+    ensure!(new.stop()?.success());
+    ensure!(
+        !pins.exists(),
+        "the last daemon's clean exit removes the pins"
+    );
+    Ok(())
+}
+
 #[test]
 fn config_errors_exit_2_with_file_line_and_column() -> Result<()> {
     let dir = tempfile::tempdir()?;

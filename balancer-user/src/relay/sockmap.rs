@@ -5,6 +5,7 @@
 //! `global.pin_path` (so operators can inspect them with bpftool) and removes the pins again
 //! when dropped.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -41,7 +42,7 @@ pub struct KernelRelay {
     /// Fault injection for tests: a pause between registering the peers and attaching the
     /// verdict, so bytes pile up unread before the pairing (`MXLB_FAULT_PAIRING_DELAY_MS`).
     pub(super) fault_pairing_delay: Option<std::time::Duration>,
-    pins: Vec<PathBuf>,
+    pins: Vec<Pin>,
     pin_dir: PathBuf,
     /// Keeps the program loaded and attached: dropping `Ebpf` detaches it.
     _ebpf: Ebpf,
@@ -90,7 +91,7 @@ impl KernelRelay {
             let path = pin_dir.join(name);
             map.pin(&path)
                 .with_context(|| format!("pinning {}", path.display()))?;
-            pins.push(path);
+            pins.push(Pin::taken(path));
             Ok(map)
         };
         let socks: SockHash<MapData, u64> = take(SOCKS_MAP)?.try_into()?;
@@ -113,7 +114,7 @@ impl KernelRelay {
         program
             .pin(&program_pin)
             .with_context(|| format!("pinning {}", program_pin.display()))?;
-        pins.push(program_pin);
+        pins.push(Pin::taken(program_pin));
 
         info!(pin_dir = %pin_dir.display(), max_sockets, "kernel relay loaded: {VERDICT_PROGRAM} attached to {SOCKS_MAP}");
         let watcher = Watcher::start(events).context("creating the relay's epoll instance")?;
@@ -146,11 +147,39 @@ impl KernelRelay {
     }
 }
 
+/// A pin this daemon made, and which file it was: a daemon started while this one drains
+/// (a restart by hand) replaces the pins with its own, and this one must then leave them.
+struct Pin {
+    path: PathBuf,
+    /// The pin's inode on bpffs; `None` if it could not be read (then it is removed).
+    inode: Option<u64>,
+}
+
+impl Pin {
+    fn taken(path: PathBuf) -> Pin {
+        let inode = std::fs::metadata(&path).ok().map(|m| m.ino());
+        Pin { path, inode }
+    }
+
+    /// Whether the file at the path is still the one this daemon pinned.
+    fn still_ours(&self) -> bool {
+        match (self.inode, std::fs::metadata(&self.path)) {
+            (Some(inode), Ok(now)) => now.ino() == inode,
+            (None, Ok(_)) => true,
+            (_, Err(_)) => false,
+        }
+    }
+}
+
 impl Drop for KernelRelay {
     fn drop(&mut self) {
         for pin in &self.pins {
-            if let Err(error) = std::fs::remove_file(pin) {
-                warn!(pin = %pin.display(), %error, "could not remove pin");
+            if !pin.still_ours() {
+                debug!(pin = %pin.path.display(), "pin replaced by a newer daemon; left alone");
+                continue;
+            }
+            if let Err(error) = std::fs::remove_file(&pin.path) {
+                warn!(pin = %pin.path.display(), %error, "could not remove pin");
             }
         }
         // Only removes the directory when nothing else was pinned there.
