@@ -6,15 +6,15 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, ensure};
 use mxlb_tests::backend::{
     Backend, Digest256, ProxyInfo, digest_until_eof, pattern_digest, read_line, send_pattern,
 };
 use mxlb_tests::free_port;
 use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path};
+use mxlb_tests::netns::Netns;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const BANNER: &str = "220 six\r\n";
@@ -116,87 +116,25 @@ fn dual_stack(relay: RelayKind) -> Result<()> {
     Ok(())
 }
 
-/// A network namespace for one test: loopback up, and every address of 2001:db8::/48 local
-/// and bindable (a `local` route and `ip_nonlocal_bind`). Removed on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn create() -> Result<Netns> {
-        let name = format!("mxlb-test-v6-{}", std::process::id());
-        let netns = Netns { name };
-        let ip = |args: &[&str]| -> Result<()> {
-            let output = Command::new("ip")
-                .args(args)
-                .output()
-                .context("running ip")?;
-            if !output.status.success() {
-                bail!("ip {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-            }
-            Ok(())
-        };
-        let _ = Command::new("ip")
-            .args(["netns", "del", &netns.name])
-            .output();
-        ip(&["netns", "add", &netns.name])?;
-        ip(&["-n", &netns.name, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &netns.name,
-            "-6",
-            "route",
-            "add",
-            "local",
-            "2001:db8::/48",
-            "dev",
-            "lo",
-        ])?;
-        ip(&[
-            "netns",
-            "exec",
-            &netns.name,
-            "sysctl",
-            "-qw",
-            "net.ipv6.ip_nonlocal_bind=1",
-        ])?;
-        Ok(netns)
-    }
-
-    /// Runs `f` on a thread that has joined the namespace: its sockets, and the threads
-    /// and processes it starts, live there.
-    fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = std::fs::File::open(&path).with_context(|| path.clone())?;
-                    use std::os::fd::AsRawFd;
-                    // SAFETY: setns on a descriptor we own; it changes only this thread.
-                    let joined = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    ensure!(joined == 0, "setns: {}", std::io::Error::last_os_error());
-                    f()
-                })
-                .join()
-                .expect("netns thread")
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
 /// `max_conn_per_source = 1` with the default IPv6 grouping (/64): a second client from
 /// another address of the same /64 is refused with 421 4.7.0, a client from the next /64
 /// is served. A host cannot dodge a per-source limit by hopping through its /64.
 #[test]
 fn ipv6_sources_are_grouped_by_prefix() -> Result<()> {
-    let netns = Netns::create()?;
+    // Every address of 2001:db8::/48 local and bindable: a `local` route and
+    // `ip_nonlocal_bind`.
+    let netns = Netns::create("v6")?;
+    netns.exec(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "local",
+        "2001:db8::/48",
+        "dev",
+        "lo",
+    ])?;
+    netns.exec(&["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"])?;
     netns.run(|| {
         let backend = reporting_on("[2001:db8::25]:0".parse()?)?;
         let listen: SocketAddr = "[2001:db8::2525]:2525".parse()?;
