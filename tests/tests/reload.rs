@@ -364,3 +364,61 @@ fn systemd_is_told_ready_reloading_and_stopping() -> Result<()> {
     ensure!(next()? == "STOPPING=1");
     Ok(())
 }
+
+/// Reloads while clients keep arriving: ten reloads that alternate the server set and the
+/// listener's `maxconn`, and not one connection in the meantime is refused, reset or left
+/// without a banner (they wait in the accept queue while the generations change over).
+#[test]
+fn reloads_under_a_stream_of_clients_drop_no_connection() -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let (a, b) = (named("a")?, named("b")?);
+    let (listen, base) = (free_addr(), free_addr());
+    let pins = pin_path("reload-stream");
+    let with = |servers: &[ServerEntry<'_>], maxconn: u32| {
+        let text = config(RelayKind::Kernel, &pins, listen, servers);
+        let text = text.replacen(
+            "timeout_connect = \"2s\"\n",
+            &format!("timeout_connect = \"2s\"\nmaxconn = {maxconn}\n"),
+            1,
+        );
+        with_stats(&text, base, None)
+    };
+    let one = with(&[entry("a", a.addr)], 1000);
+    let two = with(&[entry("a", a.addr), entry("b", b.addr)], 2000);
+    let mxlb = Mxlb::start(&one, listen, &pins)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<usize> {
+            let mut served = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let banner = banner_of(listen).with_context(|| format!("client {served}"))?;
+                ensure!(
+                    banner == "220 a\r\n" || banner == "220 b\r\n",
+                    "client {served}: {banner:?}"
+                );
+                served += 1;
+            }
+            Ok(served)
+        })
+    };
+    for round in 0..10 {
+        std::thread::sleep(Duration::from_millis(30));
+        let verdict = mxlb.reload(if round % 2 == 0 { &two } else { &one })?;
+        ensure!(
+            verdict.contains("configuration reloaded"),
+            "round {round}: {verdict}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    stop.store(true, Ordering::Relaxed);
+    let served = clients.join().expect("client thread")?;
+    eprintln!("{served} clients served across 10 reloads");
+    ensure!(served >= 10, "only {served} clients got through");
+    let snapshot = stats(base)?;
+    ensure!(field(&snapshot, "reloads") == 10, "{snapshot}");
+    Ok(())
+}
