@@ -422,3 +422,57 @@ fn reloads_under_a_stream_of_clients_drop_no_connection() -> Result<()> {
     ensure!(field(&snapshot, "reloads") == 10, "{snapshot}");
     Ok(())
 }
+
+/// The kernel maps are sized for `2 × global.maxconn` sockets at start. Raised by a reload,
+/// `maxconn` lets more clients in; those beyond the maps' room are relayed in user space,
+/// intact, instead of being refused.
+#[test]
+fn a_raised_global_maxconn_beyond_the_kernel_maps_relays_the_rest_in_user_space() -> Result<()> {
+    let a = named("a")?;
+    let (listen, base) = (free_addr(), free_addr());
+    let pins = pin_path("reload-maps");
+    let text = |maxconn: u32| {
+        let text = config(RelayKind::Kernel, &pins, listen, &[entry("a", a.addr)]);
+        with_global_keys(
+            &with_stats(&text, base, None),
+            &format!("maxconn = {maxconn}\n"),
+        )
+    };
+    let mxlb = Mxlb::start(&text(2), listen, &pins)?;
+    ensure!(mxlb.reload(&text(6))?.contains("configuration reloaded"));
+
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut client = TcpStream::connect(listen)?;
+        client.set_read_timeout(Some(TIMEOUT))?;
+        ensure!(
+            read_line(&mut client)? == "220 a\r\n",
+            "all four are let in"
+        );
+        clients.push(client);
+    }
+    for (seed, client) in clients.iter_mut().enumerate() {
+        send_pattern(client, 40 + seed as u64, MIB as u64)?;
+        client.shutdown(Shutdown::Write)?;
+    }
+    let mut received: Vec<Digest256> = (0..4)
+        .map(|_| a.next_report(TIMEOUT))
+        .collect::<Result<_>>()?;
+    let mut sent: Vec<Digest256> = (0..4)
+        .map(|seed| mxlb_tests::backend::pattern_digest(40 + seed, MIB as u64))
+        .collect();
+    received.sort_by(|x, y| x.sha256.cmp(&y.sha256));
+    sent.sort_by(|x, y| x.sha256.cmp(&y.sha256));
+    ensure!(received == sent, "every stream intact");
+    drop(clients);
+    let finished = mxlb.wait_for_log_count("connection finished", 4, TIMEOUT)?;
+    let in_kernel = finished
+        .iter()
+        .filter(|l| !l.contains("kernel_bytes=0 "))
+        .count();
+    ensure!(
+        in_kernel == 2,
+        "two pairs fit the maps sized for maxconn 2, the other two ran in user space: {finished:#?}"
+    );
+    Ok(())
+}
