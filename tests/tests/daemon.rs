@@ -26,22 +26,23 @@ fn bpftool_json(args: &[&str], pin: &Path) -> Result<serde_json::Value> {
     Ok(serde_json::from_slice(&output.stdout)?)
 }
 
+/// A kernel-relay configuration with one server that never answers (`backend` only
+/// listens): enough for the daemon to start and pin its objects.
+fn idle_config(pins: &Path, listen: SocketAddr, backend: &TcpListener) -> Result<String> {
+    let server = ServerEntry {
+        name: "idle",
+        addr: backend.local_addr()?,
+        send_proxy: "none",
+    };
+    Ok(config(RelayKind::Kernel, pins, listen, &[server]))
+}
+
 #[test]
 fn bpftool_shows_the_pinned_program_and_maps_while_running() -> Result<()> {
     let backend = TcpListener::bind("127.0.0.1:0")?;
     let listen = free_addr();
     let pins = pin_path("bpftool");
-    let text = config(
-        RelayKind::Kernel,
-        &pins,
-        listen,
-        &[ServerEntry {
-            name: "idle",
-            addr: backend.local_addr()?,
-            send_proxy: "none",
-        }],
-    );
-    let mxlb = Mxlb::start(&text, listen, &pins)?;
+    let mxlb = Mxlb::start(&idle_config(&pins, listen, &backend)?, listen, &pins)?;
 
     let program = bpftool_json(&["prog", "show", "pinned"], &pins.join("mxlb_verdict"))?;
     ensure!(program["name"] == "mxlb_verdict", "{program}");
@@ -79,19 +80,7 @@ fn bpftool_shows_the_pinned_program_and_maps_while_running() -> Result<()> {
 fn a_newer_daemon_keeps_its_pins_when_the_old_one_exits() -> Result<()> {
     let backend = TcpListener::bind("127.0.0.1:0")?;
     let pins = pin_path("pins-handover");
-    let start = |listen| {
-        let text = config(
-            RelayKind::Kernel,
-            &pins,
-            listen,
-            &[ServerEntry {
-                name: "idle",
-                addr: backend.local_addr()?,
-                send_proxy: "none",
-            }],
-        );
-        Mxlb::start(&text, listen, &pins)
-    };
+    let start = |listen| Mxlb::start(&idle_config(&pins, listen, &backend)?, listen, &pins);
     let program_id = || -> Result<serde_json::Value> {
         Ok(bpftool_json(&["prog", "show", "pinned"], &pins.join("mxlb_verdict"))?["id"].clone())
     };
@@ -174,14 +163,8 @@ fn config_errors_exit_2_with_file_line_and_column() -> Result<()> {
 fn relay_auto_falls_back_and_names_the_reason_sockmap_refuses() -> Result<()> {
     let backend = TcpListener::bind("127.0.0.1:0")?;
     let not_bpffs = tempfile::tempdir()?;
-    let servers = [ServerEntry {
-        name: "idle",
-        addr: backend.local_addr()?,
-        send_proxy: "none",
-    }];
-
     let listen = free_addr();
-    let text = config(RelayKind::Kernel, not_bpffs.path(), listen, &servers);
+    let text = idle_config(not_bpffs.path(), listen, &backend)?;
     let config_path = not_bpffs.path().join("sockmap.toml");
     std::fs::write(&config_path, &text)?;
     let output = run_command(
@@ -198,7 +181,7 @@ fn relay_auto_falls_back_and_names_the_reason_sockmap_refuses() -> Result<()> {
     );
 
     let listen = free_addr();
-    let text = config(RelayKind::Kernel, not_bpffs.path(), listen, &servers)
+    let text = idle_config(not_bpffs.path(), listen, &backend)?
         .replace("relay = \"sockmap\"", "relay = \"auto\"");
     let mxlb = Mxlb::start(&text, listen, not_bpffs.path())?;
     let log = mxlb.log();
