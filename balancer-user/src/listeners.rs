@@ -116,8 +116,18 @@ impl Listeners {
     pub fn reload(&mut self, listeners: &[Listener]) -> anyhow::Result<Changes> {
         let fresh = bind_new(listeners, &self.sockets)?;
         let mut changes = Changes::default();
+        let frontends = self.next_frontends(listeners, &mut changes);
+        self.keep_wanted_sockets(listeners, fresh, &mut changes);
+        let next = self.launch(frontends);
+        let previous = std::mem::replace(&mut self.generation, next);
+        previous.token.cancel();
+        Ok(changes)
+    }
+
+    /// The frontends of `listeners`, each built on the running one of the same name.
+    fn next_frontends(&self, listeners: &[Listener], changes: &mut Changes) -> Vec<Arc<Frontend>> {
         let old = &self.generation.frontends;
-        let frontends: Vec<Arc<Frontend>> = listeners
+        let frontends = listeners
             .iter()
             .map(|listener| {
                 let before = old.iter().find(|f| f.config.name == listener.name);
@@ -143,9 +153,18 @@ impl Listeners {
             changes.listeners_removed.push(gone.config.name.clone());
             changes.note_servers(Some(gone), None);
         }
+        frontends
+    }
 
-        // Addresses: keep the sockets still wanted (with the new backlog), add the new
-        // ones, close the rest once the old loops have let go of them.
+    /// Keeps the sockets `listeners` still bind (with the new accept queue size), adds the
+    /// `fresh` ones, and lets the rest go: they close once the old loops have let go of
+    /// them.
+    fn keep_wanted_sockets(
+        &mut self,
+        listeners: &[Listener],
+        fresh: HashMap<SocketAddr, Arc<TcpListener>>,
+        changes: &mut Changes,
+    ) {
         let wanted: BTreeSet<SocketAddr> = listeners.iter().flat_map(|l| l.bind.clone()).collect();
         changes.addresses_bound = fresh.keys().copied().collect();
         changes.addresses_bound.sort();
@@ -168,11 +187,6 @@ impl Listeners {
             }
         }
         self.sockets.extend(fresh);
-
-        let next = self.launch(frontends);
-        let previous = std::mem::replace(&mut self.generation, next);
-        previous.token.cancel();
-        Ok(changes)
     }
 
     /// Starts a generation for `frontends` on the bound sockets, and publishes it.
