@@ -134,7 +134,7 @@ fn ipv6_sources_are_grouped_by_prefix() -> Result<()> {
         "dev",
         "lo",
     ])?;
-    netns.exec(&["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"])?;
+    netns.exec(&["sh", "-c", "echo 1 > /proc/sys/net/ipv6/ip_nonlocal_bind"])?;
     netns.run(|| {
         let backend = reporting_on("[2001:db8::25]:0".parse()?)?;
         let listen: SocketAddr = "[2001:db8::2525]:2525".parse()?;

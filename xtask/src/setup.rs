@@ -30,8 +30,9 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     // Inspecting pinned maps and programs.
     "bpftool",
-    // `ip netns` for the IPv6 per-source test (a namespace of its own).
+    // Network namespaces of the tests' own (`ip netns`), and packet loss in one of them.
     "iproute2",
+    "nftables",
 ];
 
 /// Answer to postfix's install question: install it, configure nothing, start nothing.
