@@ -82,7 +82,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     systemd.ready("serving");
     while let Wanted::Reload = signals.next().await {
         systemd.reloading();
-        let outcome = reloader.reload(&mut listeners, &connections);
+        let outcome = reloader.reload(&mut listeners, &connections, &relay);
         systemd.ready(outcome);
     }
     systemd.stopping();

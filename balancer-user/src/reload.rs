@@ -4,8 +4,9 @@
 //! running configuration as it was.
 //!
 //! Some `[global]` keys and the `[stats]` section shape the process itself (the relay and
-//! its kernel maps, the log format, the runtime's threads, the stats socket); a reload
-//! that changes them warns and keeps the running values until the next restart.
+//! its kernel maps and program, the log format, the runtime's threads, the stats socket);
+//! a reload that changes them warns and keeps the running values until the next restart.
+//! `maxconn`, `grace` and `kernel_relay_after` change at once.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, Global};
 use crate::limits::Gauge;
 use crate::listeners::Listeners;
+use crate::relay::Relay;
 
 /// Reloads so far, by outcome, for the stats.
 #[derive(Debug, Default)]
@@ -59,13 +61,18 @@ impl Reloader {
 
     /// Reads the file again and applies it; logs the outcome either way and returns it in
     /// a few words (systemd's status line).
-    pub fn reload(&mut self, listeners: &mut Listeners, connections: &Gauge) -> &'static str {
+    pub fn reload(
+        &mut self,
+        listeners: &mut Listeners,
+        connections: &Gauge,
+        relay: &Relay,
+    ) -> &'static str {
         let Some(path) = self.path.clone() else {
             warn!("SIGHUP received: the demo's configuration is built in; nothing to reload");
             return "serving (the demo has nothing to reload)";
         };
         info!(path = %path.display(), "SIGHUP received: reloading the configuration");
-        match self.apply(&path, listeners, connections) {
+        match self.apply(&path, listeners, connections, relay) {
             Ok(summary) => {
                 self.counters.ok.fetch_add(1, Ordering::Relaxed);
                 info!(path = %path.display(), "configuration reloaded: {summary}");
@@ -87,6 +94,7 @@ impl Reloader {
         path: &std::path::Path,
         listeners: &mut Listeners,
         connections: &Gauge,
+        relay: &Relay,
     ) -> anyhow::Result<String> {
         // The parse error already names file:line:col.
         let mut next = Config::load(path).map_err(|error| anyhow::anyhow!("{error}"))?;
@@ -104,6 +112,7 @@ impl Reloader {
             connections.set_limit(next.global.maxconn);
             crate::daemon::raise_fd_limit(next.global.maxconn);
         }
+        relay.set_kernel_relay_after(next.global.kernel_relay_after);
         self.running = next;
         Ok(changes.to_string())
     }
@@ -124,10 +133,6 @@ pub fn restart_only_changes(running: &Global, next: &Global) -> Vec<&'static str
         "global.max_inflight",
         running.max_inflight != next.max_inflight,
     );
-    check(
-        "global.kernel_relay_after",
-        running.kernel_relay_after != next.kernel_relay_after,
-    );
     check("global.threads", running.threads != next.threads);
     changed
 }
@@ -139,6 +144,7 @@ fn keep_restart_only(running: &Config, next: &mut Config) {
     next.global = Global {
         maxconn: next.global.maxconn,
         grace: next.global.grace,
+        kernel_relay_after: next.global.kernel_relay_after,
         ..global.clone()
     };
     next.stats.clone_from(&running.stats);
@@ -155,6 +161,7 @@ mod tests {
         let live = Global {
             maxconn: 7,
             grace: std::time::Duration::from_secs(1),
+            kernel_relay_after: 0,
             ..Global::default()
         };
         assert!(restart_only_changes(&running, &live).is_empty());

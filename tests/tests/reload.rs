@@ -476,3 +476,49 @@ fn a_raised_global_maxconn_beyond_the_kernel_maps_relays_the_rest_in_user_space(
     );
     Ok(())
 }
+
+/// `global.kernel_relay_after` changes at once: pairing every connection at first, then,
+/// after a reload to 1 GiB, a 1 MiB connection stays in user space.
+#[test]
+fn kernel_relay_after_changes_with_a_reload() -> Result<()> {
+    let a = named("a")?;
+    let (listen, base) = (free_addr(), free_addr());
+    let pins = pin_path("reload-after");
+    let at_once = with_stats(
+        &config(RelayKind::Kernel, &pins, listen, &[entry("a", a.addr)]),
+        base,
+        None,
+    );
+    ensure!(at_once.contains("kernel_relay_after = 0\n"), "{at_once}");
+    let mxlb = Mxlb::start(&at_once, listen, &pins)?;
+    let one_mib = |seed| -> Result<()> {
+        let mut client = TcpStream::connect(listen)?;
+        client.set_read_timeout(Some(TIMEOUT))?;
+        ensure!(read_line(&mut client)? == "220 a\r\n");
+        send_pattern(&mut client, seed, MIB as u64)?;
+        client.shutdown(Shutdown::Write)?;
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest)?;
+        ensure!(a.next_report(TIMEOUT)? == mxlb_tests::backend::pattern_digest(seed, MIB as u64));
+        Ok(())
+    };
+    one_mib(50)?;
+    let later = at_once.replace(
+        "kernel_relay_after = 0\n",
+        "kernel_relay_after = \"1GiB\"\n",
+    );
+    let verdict = mxlb.reload(&later)?;
+    ensure!(verdict.contains("configuration reloaded"), "{verdict}");
+    ensure!(
+        mxlb.log_lines("kernel_relay_after changed").is_empty(),
+        "it is not a restart-only key: {}",
+        mxlb.log()
+    );
+    one_mib(51)?;
+    let finished = mxlb.wait_for_log_count("connection finished", 2, TIMEOUT)?;
+    ensure!(
+        !finished[0].contains("kernel_bytes=0 ") && finished[1].contains("kernel_bytes=0 "),
+        "paired at once, then kept in user space: {finished:#?}"
+    );
+    Ok(())
+}

@@ -137,6 +137,11 @@ enum Outcome {
 }
 
 impl KernelRelay {
+    /// The current `kernel_relay_after`.
+    pub(super) fn relay_after(&self) -> u64 {
+        self.relay_after.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Relays one connection in the kernel until both directions are done or one side fails.
     pub async fn relay(
         &self,

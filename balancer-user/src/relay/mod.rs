@@ -180,6 +180,15 @@ impl Relay {
         }
     }
 
+    /// `global.kernel_relay_after` from a reload: new connections use it.
+    pub fn set_kernel_relay_after(&self, bytes: u64) {
+        if let Relay::Kernel(kernel) = self {
+            kernel
+                .relay_after
+                .store(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Relay::Kernel(_) => "kernel",
@@ -198,13 +207,13 @@ impl Relay {
     ) -> std::io::Result<Termination> {
         match self {
             // Each phase boxed, so an idle connection holds only the state of the one it is in.
-            Relay::Kernel(kernel) if kernel.relay_after > 0 => {
+            Relay::Kernel(kernel) if kernel.relay_after() > 0 => {
                 let phase = Box::pin(userspace::relay_until(
                     client,
                     server,
                     live,
                     timeout_idle,
-                    kernel.relay_after,
+                    kernel.relay_after(),
                 ))
                 .await;
                 match phase {

@@ -37,8 +37,9 @@ pub struct KernelRelay {
     /// Pause a direction once its peer is this many bytes behind (3/4 of `max_inflight`: one
     /// event step of margin for bytes redirected before the pause takes effect).
     pub(super) pause_at: u64,
-    /// Bytes a connection relays in user space before its sockets are paired.
-    pub(super) relay_after: u64,
+    /// Bytes a connection relays in user space before its sockets are paired; a reload
+    /// may change it (connections already past their user-space phase are not affected).
+    pub(super) relay_after: std::sync::atomic::AtomicU64,
     /// Fault injection for tests: a pause between registering the peers and attaching the
     /// verdict, so bytes pile up unread before the pairing (`MXLB_FAULT_PAIRING_DELAY_MS`).
     pub(super) fault_pairing_delay: Option<std::time::Duration>,
@@ -135,7 +136,7 @@ impl KernelRelay {
             } else {
                 max_inflight - event_step
             },
-            relay_after,
+            relay_after: relay_after.into(),
             fault_pairing_delay,
             socks: Mutex::new(socks),
             traffic: Mutex::new(traffic),
