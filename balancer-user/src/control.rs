@@ -167,14 +167,11 @@ pub fn render_table(snapshot: &StatsSnapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::prometheus::tests::sample;
+    use crate::stats::prometheus::tests::sample_without_reloads_or_bad_headers;
 
     #[test]
     fn the_table_names_reloads_and_bad_headers_only_when_there_are_any() {
-        let mut snapshot = sample();
-        snapshot.reloads = 0;
-        snapshot.reload_failures = 0;
-        snapshot.listeners[0].bad_proxy_headers = 0;
+        let mut snapshot = sample_without_reloads_or_bad_headers();
         let quiet = render_table(&snapshot);
         assert!(
             !quiet.contains("reloads:") && !quiet.contains("PROXY header"),

@@ -220,6 +220,20 @@ pub fn send_pattern(stream: &mut impl Write, seed: u64, total: u64) -> io::Resul
     })
 }
 
+/// A client's last turn: `total` pattern bytes, a half-close, then whatever the other
+/// side still sends until it closes. Returns the digest of what was sent, and that reply.
+pub fn send_pattern_and_finish(
+    stream: &mut TcpStream,
+    seed: u64,
+    total: u64,
+) -> io::Result<(Digest256, Vec<u8>)> {
+    let sent = send_pattern(stream, seed, total)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply)?;
+    Ok((sent, reply))
+}
+
 /// Reads until EOF, returning the digest of everything read.
 pub fn digest_until_eof(stream: &mut impl Read) -> io::Result<Digest256> {
     let mut hasher = Sha256::new();

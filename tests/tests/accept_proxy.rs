@@ -5,13 +5,14 @@
 //! in front of mxlb in front of Postfix, and Postfix logs the true client addresses.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use mxlb_tests::backend::{
-    Backend, Digest256, ProxyInfo, digest_until_eof, pattern_digest, read_line, send_pattern,
+    Backend, Digest256, ProxyInfo, digest_until_eof, pattern_digest, read_line,
+    send_pattern_and_finish,
 };
 use mxlb_tests::delivery::send_round_robin;
 use mxlb_tests::haproxy::{Haproxy, HaproxyConfig, SendProxy};
@@ -78,10 +79,7 @@ fn through(
     client.set_read_timeout(Some(TIMEOUT))?;
     client.write_all(header)?;
     ensure!(read_line(&mut client)? == BANNER);
-    send_pattern(&mut client, 21, 1 << 20)?;
-    client.shutdown(Shutdown::Write)?;
-    let mut rest = Vec::new();
-    client.read_to_end(&mut rest)?;
+    send_pattern_and_finish(&mut client, 21, 1 << 20)?;
     let (info, digest) = backend.next_report(TIMEOUT)?;
     ensure!(
         digest == pattern_digest(21, 1 << 20),

@@ -4,13 +4,14 @@
 //! prefix. The last test runs in a network namespace of its own where any address of
 //! 2001:db8::/48 can be bound, so clients come from distinct IPv6 addresses.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use mxlb_tests::backend::{
-    Backend, Digest256, ProxyInfo, digest_until_eof, pattern_digest, read_line, send_pattern,
+    Backend, Digest256, ProxyInfo, digest_until_eof, pattern_digest, read_line,
+    send_pattern_and_finish,
 };
 use mxlb_tests::free_port;
 use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path};
@@ -61,10 +62,7 @@ fn session(from: Option<IpAddr>, to: SocketAddr) -> Result<SocketAddr> {
     let mut client = TcpStream::from(socket);
     client.set_read_timeout(Some(TIMEOUT))?;
     ensure!(read_line(&mut client)? == BANNER);
-    send_pattern(&mut client, 6, MIB)?;
-    client.shutdown(Shutdown::Write)?;
-    let mut rest = Vec::new();
-    client.read_to_end(&mut rest)?;
+    send_pattern_and_finish(&mut client, 6, MIB)?;
     Ok(client.local_addr()?)
 }
 

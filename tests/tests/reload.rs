@@ -5,10 +5,13 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use mxlb_tests::backend::{Backend, Digest256, Pattern, digest_until_eof, read_line, send_pattern};
+use mxlb_tests::backend::{
+    Backend, Digest256, Pattern, digest_until_eof, read_line, send_pattern, send_pattern_and_finish,
+};
 use mxlb_tests::mxlb::http::{get_json, post_json, server};
 use mxlb_tests::mxlb::{
     Mxlb, RelayKind, ServerEntry, config, config_with_listener_keys, pin_path, with_global_keys,
@@ -27,6 +30,17 @@ fn named(name: &str) -> Result<Backend<Digest256>> {
         stream.write_all(banner.as_bytes())?;
         Ok(digest_until_eof(&mut stream)?)
     })
+}
+
+/// A one-listener configuration with the stats server on `stats`.
+fn config_with_stats(
+    relay: RelayKind,
+    pins: &Path,
+    listen: SocketAddr,
+    servers: &[ServerEntry<'_>],
+    stats: SocketAddr,
+) -> String {
+    with_stats(&config(relay, pins, listen, servers), stats, None)
 }
 
 fn entry(name: &str, addr: SocketAddr) -> ServerEntry<'_> {
@@ -72,11 +86,7 @@ fn adds_a_server_and_established_relays_carry_on(relay: RelayKind) -> Result<()>
     let (a, b) = (named("a")?, named("b")?);
     let (listen, base) = (free_addr(), free_addr());
     let pins = pin_path(&format!("reload-add-{relay:?}"));
-    let before = with_stats(
-        &config(relay, &pins, listen, &[entry("a", a.addr)]),
-        base,
-        None,
-    );
+    let before = config_with_stats(relay, &pins, listen, &[entry("a", a.addr)], base);
     let mxlb = Mxlb::start(&before, listen, &pins)?;
 
     let mut early = TcpStream::connect(listen)?;
@@ -85,15 +95,12 @@ fn adds_a_server_and_established_relays_carry_on(relay: RelayKind) -> Result<()>
     send_pattern(&mut early, 3, MIB as u64)?;
 
     let after = with_global_keys(
-        &with_stats(
-            &config(
-                relay,
-                &pins,
-                listen,
-                &[entry("a", a.addr), entry("b", b.addr)],
-            ),
+        &config_with_stats(
+            relay,
+            &pins,
+            listen,
+            &[entry("a", a.addr), entry("b", b.addr)],
             base,
-            None,
         ),
         "maxconn = 500\n",
     );
@@ -205,21 +212,27 @@ fn reload_moves_addresses_and_adds_a_listener() -> Result<()> {
     let (old_addr, new_addr, submission, base) =
         (free_addr(), free_addr(), free_addr(), free_addr());
     let pins = pin_path("reload-move");
-    let before = with_stats(
-        &config(RelayKind::Kernel, &pins, old_addr, &[entry("a", a.addr)]),
+    let before = config_with_stats(
+        RelayKind::Kernel,
+        &pins,
+        old_addr,
+        &[entry("a", a.addr)],
         base,
-        None,
     );
     let mxlb = Mxlb::start(&before, old_addr, &pins)?;
     ensure!(banner_of(old_addr)? == "220 a\r\n");
 
-    let moved = config(RelayKind::UserSpace, &pins, new_addr, &[entry("a", a.addr)]);
-    let after = with_stats(&moved, base, None)
-        + &format!(
-            "\n[[listen]]\nname = \"submission\"\nbind = [\"{submission}\"]\n\n\
+    let after = config_with_stats(
+        RelayKind::UserSpace,
+        &pins,
+        new_addr,
+        &[entry("a", a.addr)],
+        base,
+    ) + &format!(
+        "\n[[listen]]\nname = \"submission\"\nbind = [\"{submission}\"]\n\n\
              [[listen.server]]\nname = \"b\"\naddr = \"{}\"\nsend_proxy = \"v1\"\n",
-            b.addr
-        );
+        b.addr
+    );
     let verdict = mxlb.reload(&after)?;
     let mut bound = [new_addr, submission];
     bound.sort();
@@ -272,10 +285,12 @@ fn a_failed_reload_changes_nothing() -> Result<()> {
     let (a, b) = (named("a")?, named("b")?);
     let (listen, base) = (free_addr(), free_addr());
     let pins = pin_path("reload-bad");
-    let good = with_stats(
-        &config(RelayKind::Kernel, &pins, listen, &[entry("a", a.addr)]),
+    let good = config_with_stats(
+        RelayKind::Kernel,
+        &pins,
+        listen,
+        &[entry("a", a.addr)],
         base,
-        None,
     );
     let mxlb = Mxlb::start(&good, listen, &pins)?;
 
@@ -288,11 +303,18 @@ fn a_failed_reload_changes_nothing() -> Result<()> {
 
     let taken = TcpListener::bind("127.0.0.1:0")?;
     let taken_addr = taken.local_addr()?;
-    let both = config(RelayKind::Kernel, &pins, listen, &[entry("b", b.addr)]).replace(
+    let both = config_with_stats(
+        RelayKind::Kernel,
+        &pins,
+        listen,
+        &[entry("b", b.addr)],
+        base,
+    )
+    .replace(
         &format!("bind = [\"{listen}\"]"),
         &format!("bind = [\"{listen}\", \"{taken_addr}\"]"),
     );
-    let verdict = mxlb.reload(&with_stats(&both, base, None))?;
+    let verdict = mxlb.reload(&both)?;
     ensure!(
         verdict.contains("reload failed") && verdict.contains(&format!("binding {taken_addr}")),
         "{verdict}"
@@ -327,10 +349,12 @@ fn systemd_is_told_ready_reloading_and_stopping() -> Result<()> {
     let a = named("a")?;
     let (listen, base) = (free_addr(), free_addr());
     let pins = pin_path("reload-notify");
-    let text = with_stats(
-        &config(RelayKind::Kernel, &pins, listen, &[entry("a", a.addr)]),
+    let text = config_with_stats(
+        RelayKind::Kernel,
+        &pins,
+        listen,
+        &[entry("a", a.addr)],
         base,
-        None,
     );
     let name = format!("mxlb-test-notify-{}", std::process::id());
     let systemd = UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes())?)?;
@@ -377,13 +401,11 @@ fn reloads_under_a_stream_of_clients_drop_no_connection() -> Result<()> {
     let (listen, base) = (free_addr(), free_addr());
     let pins = pin_path("reload-stream");
     let with = |servers: &[ServerEntry<'_>], maxconn: u32| {
-        let text = config(RelayKind::Kernel, &pins, listen, servers);
-        let text = text.replacen(
+        config_with_stats(RelayKind::Kernel, &pins, listen, servers, base).replacen(
             "timeout_connect = \"2s\"\n",
             &format!("timeout_connect = \"2s\"\nmaxconn = {maxconn}\n"),
             1,
-        );
-        with_stats(&text, base, None)
+        )
     };
     let one = with(&[entry("a", a.addr)], 1000);
     let two = with(&[entry("a", a.addr), entry("b", b.addr)], 2000);
@@ -432,11 +454,14 @@ fn a_raised_global_maxconn_beyond_the_kernel_maps_relays_the_rest_in_user_space(
     let (listen, base) = (free_addr(), free_addr());
     let pins = pin_path("reload-maps");
     let text = |maxconn: u32| {
-        let text = config(RelayKind::Kernel, &pins, listen, &[entry("a", a.addr)]);
-        with_global_keys(
-            &with_stats(&text, base, None),
-            &format!("maxconn = {maxconn}\n"),
-        )
+        let text = config_with_stats(
+            RelayKind::Kernel,
+            &pins,
+            listen,
+            &[entry("a", a.addr)],
+            base,
+        );
+        with_global_keys(&text, &format!("maxconn = {maxconn}\n"))
     };
     let mxlb = Mxlb::start(&text(2), listen, &pins)?;
     ensure!(mxlb.reload(&text(6))?.contains("configuration reloaded"));
@@ -484,10 +509,12 @@ fn kernel_relay_after_changes_with_a_reload() -> Result<()> {
     let a = named("a")?;
     let (listen, base) = (free_addr(), free_addr());
     let pins = pin_path("reload-after");
-    let at_once = with_stats(
-        &config(RelayKind::Kernel, &pins, listen, &[entry("a", a.addr)]),
+    let at_once = config_with_stats(
+        RelayKind::Kernel,
+        &pins,
+        listen,
+        &[entry("a", a.addr)],
         base,
-        None,
     );
     ensure!(at_once.contains("kernel_relay_after = 0\n"), "{at_once}");
     let mxlb = Mxlb::start(&at_once, listen, &pins)?;
@@ -495,10 +522,7 @@ fn kernel_relay_after_changes_with_a_reload() -> Result<()> {
         let mut client = TcpStream::connect(listen)?;
         client.set_read_timeout(Some(TIMEOUT))?;
         ensure!(read_line(&mut client)? == "220 a\r\n");
-        send_pattern(&mut client, seed, MIB as u64)?;
-        client.shutdown(Shutdown::Write)?;
-        let mut rest = Vec::new();
-        client.read_to_end(&mut rest)?;
+        send_pattern_and_finish(&mut client, seed, MIB as u64)?;
         ensure!(a.next_report(TIMEOUT)? == mxlb_tests::backend::pattern_digest(seed, MIB as u64));
         Ok(())
     };

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use mxlb_tests::backend::{
     Backend, Digest256, HoldingBackend, digest_until_eof, read_line, send_pattern,
+    send_pattern_and_finish,
 };
 use mxlb_tests::free_addr;
 use mxlb_tests::mxlb::http::{get, get_json, post_json, server};
@@ -36,10 +37,7 @@ fn counting_backend() -> Result<Backend<Digest256>> {
 fn session(listen: SocketAddr, seed: u64, size: u64) -> Result<()> {
     let mut client = TcpStream::connect(listen)?;
     ensure!(read_line(&mut client)?.as_bytes() == BANNER);
-    send_pattern(&mut client, seed, size)?;
-    client.shutdown(Shutdown::Write)?;
-    let mut rest = Vec::new();
-    client.read_to_end(&mut rest)?;
+    let (_, rest) = send_pattern_and_finish(&mut client, seed, size)?;
     ensure!(rest == REPLY, "{rest:?}");
     Ok(())
 }

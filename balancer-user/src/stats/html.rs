@@ -331,7 +331,7 @@ footer a{color:inherit}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::prometheus::tests::sample;
+    use crate::stats::prometheus::tests::{sample, sample_without_reloads_or_bad_headers};
 
     #[test]
     fn one_row_per_server_with_its_status() {
@@ -381,10 +381,7 @@ mod tests {
 
     #[test]
     fn reloads_and_bad_proxy_headers_show_and_a_refused_reload_warns() {
-        let mut snapshot = sample();
-        snapshot.reloads = 0;
-        snapshot.reload_failures = 0;
-        snapshot.listeners[0].bad_proxy_headers = 0;
+        let mut snapshot = sample_without_reloads_or_bad_headers();
         let page = render(&snapshot);
         assert!(page.contains(r#"applied / refused">0/0</dd>"#), "{page}");
         assert!(!page.contains("bad PROXY headers"));

@@ -419,6 +419,15 @@ pub(crate) mod tests {
     use super::*;
     use crate::stats::RefusedLimits;
 
+    /// [`sample`] of a daemon never reloaded and never sent a bad PROXY header.
+    pub(crate) fn sample_without_reloads_or_bad_headers() -> StatsSnapshot {
+        let mut snapshot = sample();
+        snapshot.reloads = 0;
+        snapshot.reload_failures = 0;
+        snapshot.listeners[0].bad_proxy_headers = 0;
+        snapshot
+    }
+
     /// A small snapshot shared by the stats tests: two listeners, one of them with a
     /// server in each state.
     pub(crate) fn sample() -> StatsSnapshot {
