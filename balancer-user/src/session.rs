@@ -44,13 +44,6 @@ impl NoServer {
     }
 }
 
-/// Where a client connection comes from and goes to.
-#[derive(Clone, Copy, Debug)]
-struct Endpoints {
-    source: SocketAddr,
-    destination: SocketAddr,
-}
-
 /// A listener's servers, limits and policy, shared by all its sessions.
 pub struct Frontend {
     pub config: Listener,
@@ -136,25 +129,22 @@ impl Frontend {
     pub async fn serve(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let started = Instant::now();
         // Behind an upstream balancer, the client is who its PROXY header names: that is
-        // the address balanced on, limited, logged and passed on to the server.
+        // the address balanced on, limited, logged and passed on to the server. `Local`
+        // (no upstream, or the upstream's own health check) means the socket's own
+        // endpoints, as in the PROXY protocol itself.
         let claimed = if self.config.accept_proxy {
             let within = self.config.timeout_connect;
             match Box::pin(accept_proxy::read_header(&client, within)).await {
-                Ok(ProxyHeader::Proxy {
-                    source,
-                    destination,
-                }) => Some(Endpoints {
-                    source,
-                    destination,
-                }),
-                // The upstream's own connection (its health check): its real endpoints.
-                Ok(ProxyHeader::Local) => None,
+                Ok(header) => header,
                 Err(error) => return self.pool.record_bad_proxy_header(peer, &error),
             }
         } else {
-            None
+            ProxyHeader::Local
         };
-        let client_addr = claimed.map_or(peer, |claimed| claimed.source);
+        let client_addr = match claimed {
+            ProxyHeader::Proxy { source, .. } => source,
+            ProxyHeader::Local => peer,
+        };
         let admitted = match self.admission.admit(client_addr.ip()) {
             Ok(admitted) => admitted,
             Err(refused) => {
@@ -294,12 +284,13 @@ impl Frontend {
     /// Writes the whole PROXY header before anything else. Postfix reads it with a single
     /// peek and rejects a header split over two segments; a header is far smaller than a
     /// fresh socket's send buffer, so `write_all` completes it in one `write`.
+    ///
     /// The endpoints are the upstream balancer's claim when there is one, else the client
     /// socket's own.
     async fn send_proxy_header(
         &self,
         client: &TcpStream,
-        claimed: Option<Endpoints>,
+        claimed: ProxyHeader,
         upstream: &mut TcpStream,
         server: &Server,
     ) -> io::Result<()> {
@@ -307,19 +298,13 @@ impl Frontend {
             return Ok(());
         };
         let endpoints = match claimed {
-            Some(claimed) => claimed,
-            None => Endpoints {
+            ProxyHeader::Proxy { .. } => claimed,
+            ProxyHeader::Local => ProxyHeader::Proxy {
                 source: client.peer_addr()?,
                 destination: client.local_addr()?,
             },
         };
-        let header = proxy_header::encode(
-            version,
-            &ProxyHeader::Proxy {
-                source: endpoints.source,
-                destination: endpoints.destination,
-            },
-        );
+        let header = proxy_header::encode(version, &endpoints);
         upstream.write_all(&header).await
     }
 }
