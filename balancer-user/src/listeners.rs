@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::accept::{accept_loop, bind, listen_backlog, set_backlog};
 use crate::config::Listener;
 use crate::limits::Gauge;
+use crate::pool::{ServerRuntime, same_server};
 use crate::relay::Relay;
 use crate::session::Frontend;
 
@@ -250,20 +251,25 @@ impl Changes {
     /// Servers of `after` that start afresh and servers of `before` that are gone, where
     /// a server is the same when its name and address are.
     fn note_servers(&mut self, before: Option<&Frontend>, after: Option<&Frontend>) {
-        let key = |f: &Frontend, i: usize| {
-            let server = &f.pool.servers[i].config;
-            (f.config.name.clone(), server.name.clone(), server.addr)
+        let Some(listener) = after.or(before).map(|f| &f.config.name) else {
+            return;
         };
-        let keys = |f: Option<&Frontend>| -> BTreeSet<(String, String, SocketAddr)> {
-            f.map(|f| (0..f.pool.servers.len()).map(|i| key(f, i)).collect())
-                .unwrap_or_default()
+        let (old, new) = (servers_of(before), servers_of(after));
+        // `listener/server` for each server of `of` that `against` has no continuation of.
+        let unmatched = |of: &[Arc<ServerRuntime>], against: &[Arc<ServerRuntime>]| {
+            of.iter()
+                .filter(|s| !against.iter().any(|t| same_server(&s.config, &t.config)))
+                .map(|s| format!("{listener}/{}", s.config.name))
+                .collect::<Vec<_>>()
         };
-        let (old, new) = (keys(before), keys(after));
-        let name =
-            |(listener, server, _): &(String, String, SocketAddr)| format!("{listener}/{server}");
-        self.servers_added.extend(new.difference(&old).map(name));
-        self.servers_removed.extend(old.difference(&new).map(name));
+        self.servers_added.extend(unmatched(new, old));
+        self.servers_removed.extend(unmatched(old, new));
     }
+}
+
+/// The servers of a frontend, none for a listener that is not there.
+fn servers_of(frontend: Option<&Frontend>) -> &[Arc<ServerRuntime>] {
+    frontend.map_or(&[], |f| f.pool.servers.as_slice())
 }
 
 impl fmt::Display for Changes {

@@ -66,18 +66,8 @@ impl Default for ListenerCounters {
 
 impl Pool {
     pub fn new(listener: &Listener) -> Pool {
-        Pool {
-            listener: listener.name.clone(),
-            servers: listener
-                .servers
-                .iter()
-                .map(|server| Arc::new(server_runtime(listener, server, None)))
-                .collect(),
-            bind: listener.bind.iter().map(ToString::to_string).collect(),
-            balance: listener.balance,
-            sessions: Arc::new(Gauge::new(listener.maxconn)),
-            counters: Arc::default(),
-        }
+        let sessions = Arc::new(Gauge::new(listener.maxconn));
+        Pool::build(listener, &[], sessions, Arc::default())
     }
 
     /// This listener's pool under a reloaded configuration. A server keeps its health,
@@ -86,22 +76,36 @@ impl Pool {
     /// server does at start. The listener's counters and open sessions carry over.
     pub fn reconfigured(&self, listener: &Listener) -> Pool {
         self.sessions.set_limit(listener.maxconn);
+        Pool::build(
+            listener,
+            &self.servers,
+            self.sessions.clone(),
+            self.counters.clone(),
+        )
+    }
+
+    /// The pool of `listener`, each server continuing the one of `previous` that is the
+    /// same server ([`same_server`]), if any.
+    fn build(
+        listener: &Listener,
+        previous: &[Arc<ServerRuntime>],
+        sessions: Arc<Gauge>,
+        counters: Arc<ListenerCounters>,
+    ) -> Pool {
         Pool {
             listener: listener.name.clone(),
             servers: listener
                 .servers
                 .iter()
                 .map(|server| {
-                    let before = self.servers.iter().find(|old| {
-                        old.config.name == server.name && old.config.addr == server.addr
-                    });
+                    let before = previous.iter().find(|old| same_server(&old.config, server));
                     Arc::new(server_runtime(listener, server, before.map(AsRef::as_ref)))
                 })
                 .collect(),
             bind: listener.bind.iter().map(ToString::to_string).collect(),
             balance: listener.balance,
-            sessions: self.sessions.clone(),
-            counters: self.counters.clone(),
+            sessions,
+            counters,
         }
     }
 
@@ -260,6 +264,12 @@ impl Pool {
     pub fn start_monitors(self: &Arc<Self>, listener: &Listener, stop: &CancellationToken) {
         monitor::start(self, listener, stop);
     }
+}
+
+/// Across a reload, a server is the same server when its name and its address are: it
+/// keeps its state. Any other setting may change.
+pub fn same_server(a: &crate::config::Server, b: &crate::config::Server) -> bool {
+    a.name == b.name && a.addr == b.addr
 }
 
 /// A server's runtime under `listener`'s check settings: a continuation of `before` (the
