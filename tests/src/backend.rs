@@ -125,14 +125,24 @@ fn parse_v2(header: &[u8]) -> anyhow::Result<ProxyInfo> {
 }
 
 /// A deterministic byte stream (xorshift), so both ends can agree on content without
-/// keeping it in memory.
+/// keeping it in memory. Different seeds give different streams.
 pub struct Pattern {
     state: u64,
 }
 
 impl Pattern {
     pub fn new(seed: u64) -> Pattern {
-        Pattern { state: seed | 1 }
+        // xorshift needs a non-zero state. `seed | 1` gave seeds 2k and 2k+1 the same
+        // stream; splitmix64's finalizer is a bijection, so distinct seeds get distinct
+        // states (and xorshift, a bijection too, distinct first words). The one seed it
+        // maps to 0 shares its stream with whichever seed maps to the stand-in.
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        Pattern {
+            state: if z == 0 { 0x9E37_79B9_7F4A_7C15 } else { z },
+        }
     }
 
     pub fn fill(&mut self, buffer: &mut [u8]) {
@@ -315,5 +325,36 @@ impl HoldingBackend {
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_seed_gives_its_own_stream() {
+        let starts: Vec<[u8; 64]> = (0..64)
+            .map(|seed| {
+                let mut start = [0u8; 64];
+                Pattern::new(seed).fill(&mut start);
+                start
+            })
+            .collect();
+        for (a, first) in starts.iter().enumerate() {
+            for (b, second) in starts.iter().enumerate().skip(a + 1) {
+                assert_ne!(first, second, "seeds {a} and {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_digest_is_that_of_the_stream_and_depends_on_the_seed() {
+        let mut stream = vec![0u8; 1000];
+        Pattern::new(7).fill(&mut stream);
+        let digest = pattern_digest(7, 1000);
+        assert_eq!(digest.bytes, 1000);
+        assert_eq!(digest.sha256, hex(&Sha256::digest(&stream)));
+        assert_ne!(digest, pattern_digest(6, 1000));
     }
 }
