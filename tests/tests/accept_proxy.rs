@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use mxlb_tests::backend::{
@@ -151,20 +151,29 @@ fn connections_without_a_usable_header_are_closed_and_counted() -> Result<()> {
         "",
     )?;
 
+    // mxlb only peeked at the EHLO, so it closes with those bytes unread, and a close with
+    // unread data is a reset (RFC 2525 2.17): no answer, no EOF, and no hanging either.
     let mut smtp = TcpStream::connect(mxlb.listen)?;
     smtp.set_read_timeout(Some(TIMEOUT))?;
     smtp.write_all(b"EHLO client.example\r\n")?;
     let mut answer = Vec::new();
-    let _ = smtp.read_to_end(&mut answer);
-    ensure!(answer.is_empty(), "no server may answer: {answer:?}");
+    let ended = smtp.read_to_end(&mut answer);
+    ensure!(
+        answer.is_empty()
+            && matches!(&ended, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "no server may answer, mxlb resets: {ended:?} {answer:?}"
+    );
 
+    // Nothing unread here: a plain close (EOF) once timeout_connect (1s) has passed.
+    let connected = Instant::now();
     let mut silent = TcpStream::connect(mxlb.listen)?;
     silent.set_read_timeout(Some(TIMEOUT))?;
     let mut answer = Vec::new();
-    let _ = silent.read_to_end(&mut answer);
+    let ended = silent.read_to_end(&mut answer);
+    let waited = connected.elapsed();
     ensure!(
-        answer.is_empty(),
-        "closed at timeout_connect without a word: {answer:?}"
+        matches!(ended, Ok(0)) && waited >= Duration::from_secs(1),
+        "closed at timeout_connect without a word: {ended:?} {answer:?} after {waited:?}"
     );
 
     drop(TcpStream::connect(mxlb.listen)?);

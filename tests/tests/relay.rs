@@ -289,13 +289,14 @@ fn server_half_closes_first(relay: RelayKind) -> anyhow::Result<()> {
 }
 
 fn client_reset_closes_both_sides(relay: RelayKind) -> anyhow::Result<()> {
-    // The server answers, then waits for the session to end and says how it ended.
+    // The server answers, then waits for the session to end and says how it ended: `None`
+    // for an EOF, else the error's kind.
     let backend = Backend::spawn(|mut stream, _| {
         stream.write_all(b"220 hello\r\n")?;
         stream.set_read_timeout(Some(Duration::from_secs(20)))?;
         let mut sink = Vec::new();
         let ended = stream.read_to_end(&mut sink);
-        Ok((sink.len(), ended.is_ok()))
+        Ok((sink.len(), ended.err().map(|error| error.kind())))
     })?;
     let (mxlb, idle_fds) = start_mxlb("clireset", relay, backend.addr, "v1")?;
 
@@ -306,13 +307,19 @@ fn client_reset_closes_both_sides(relay: RelayKind) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(100));
     reset(client);
 
-    let (bytes, clean_eof): (usize, bool) = backend.next_report(REPORT_TIMEOUT)?;
+    let (bytes, ended): (usize, Option<std::io::ErrorKind>) =
+        backend.next_report(REPORT_TIMEOUT)?;
     assert_eq!(
         bytes,
         "EHLO reset.test\r\n".len(),
         "bytes sent before the reset arrive"
     );
-    let _ = clean_eof; // a FIN or a reset both end the server's session
+    // A FIN (what mxlb sends today) or a reset both end the server's session; a read
+    // timeout means mxlb left the server's side open.
+    assert!(
+        matches!(ended, None | Some(std::io::ErrorKind::ConnectionReset)),
+        "the server's session ended: {ended:?}"
+    );
     let line = finished_line(&mxlb, client_addr)?;
     assert!(line.contains("ended=client-reset"), "{line}");
     mxlb.wait_until_clean(idle_fds, relay.is_kernel())
@@ -457,10 +464,16 @@ fn log_field(line: &str, key: &str) -> anyhow::Result<u64> {
 
 /// A client that never sends anything after the banner is closed at `timeout_idle`.
 fn silent_client_is_closed_at_the_idle_timeout(relay: RelayKind) -> anyhow::Result<()> {
+    // The server's side is closed at the idle timeout too, with a FIN (mxlb has read the
+    // banner, nothing is left unread): an error here (a reset, a read timeout) fails the
+    // report.
     let backend = Backend::spawn(|mut stream, _| {
         stream.write_all(b"220 say something\r\n")?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut sink = Vec::new();
-        let _ = stream.read_to_end(&mut sink);
+        stream
+            .read_to_end(&mut sink)
+            .context("the server's side ends with an EOF")?;
         Ok(sink.len())
     })?;
     let listen = mxlb_tests::free_addr();
