@@ -203,6 +203,7 @@ impl StatsSource for DaemonStats {
             maxconn: u64::from(self.connections.limit()),
             reloads: self.reloads.ok(),
             reload_failures: self.reloads.failed(),
+            integrity_errors: crate::relay::ledger::integrity_errors(),
             listeners: self
                 .frontends
                 .borrow()

@@ -17,20 +17,131 @@ pub fn cookie(socket: &impl AsFd) -> io::Result<u64> {
 /// The kernel relay compares this with what it redirected into the socket to know when every
 /// byte of a direction has left the relay's own queues (then forwarding a FIN is safe).
 pub fn bytes_taken_for_sending(socket: &impl AsFd) -> io::Result<u64> {
-    let info = tcp_info(socket)?;
-    let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int through the pointer, which is valid for the call.
+    Ok(Counts::read(socket)?.taken)
+}
+
+/// One consistent reading of a socket's byte counters, from `TCP_INFO` and two ioctls.
+///
+/// The counters come from three calls, and an ACK or a segment arriving between them would
+/// mix two instants (an ACK moves bytes from the send queue to "acknowledged", so
+/// `acked + SIOCOUTQ` read across it comes out short by what it acknowledged). So `TCP_INFO`
+/// is read before and after the ioctls, and the reading is kept only when both agree;
+/// everything that moves those counters changes one of the fields compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counts {
+    /// Sequence space the socket received in order (`tcpi_bytes_received`): data, plus one
+    /// for the peer's FIN once it arrived.
+    pub received: u64,
+    /// Bytes received and not yet read (`SIOCINQ`, which leaves the FIN out). Only
+    /// meaningful for a socket in no sockmap: there it counts the psock's queue instead.
+    pub unread: u64,
+    /// Bytes taken for sending: acknowledged plus still queued (`tcpi_bytes_acked +
+    /// SIOCOUTQ`), plus one for our own FIN once it was queued.
+    pub taken: u64,
+    /// The peer's FIN has arrived (the TCP state says so).
+    pub fin_received: bool,
+    /// Our FIN has been queued (the TCP state says so).
+    pub fin_sent: bool,
+}
+
+impl Counts {
+    /// Reads until two `TCP_INFO` readings around the ioctls agree (a busy socket may need a
+    /// few tries); after many tries, the last reading with `Err(Unsteady)`.
+    pub fn read(socket: &impl AsFd) -> io::Result<Counts> {
+        const TRIES: usize = 64;
+        let mut before = tcp_info(socket)?;
+        for _ in 0..TRIES {
+            let unread = ioctl_int(socket, libc::FIONREAD)?; // == SIOCINQ
+            let queued = ioctl_int(socket, libc::TIOCOUTQ)?; // == SIOCOUTQ
+            let after = tcp_info(socket)?;
+            let steady = before.tcpi_bytes_received == after.tcpi_bytes_received
+                && before.tcpi_bytes_acked == after.tcpi_bytes_acked
+                && before.tcpi_state == after.tcpi_state;
+            if steady {
+                return Ok(Counts {
+                    received: after.tcpi_bytes_received,
+                    unread,
+                    taken: after.tcpi_bytes_acked + queued,
+                    fin_received: fin_received(after.tcpi_state),
+                    fin_sent: fin_sent(after.tcpi_state),
+                });
+            }
+            before = after;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "socket counters kept moving while read",
+        ))
+    }
+}
+
+// TCP states (include/net/tcp_states.h) as `tcpi_state` reports them.
+const TCP_FIN_WAIT1: u8 = 4;
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
+
+/// Whether a socket in this TCP state has received its peer's FIN. `CLOSE` is counted too:
+/// a relayed socket reaches it after `LAST_ACK` (both FINs) or after a reset, and a reset
+/// connection is not balanced.
+fn fin_received(state: u8) -> bool {
+    matches!(
+        state,
+        TCP_TIME_WAIT | TCP_CLOSE | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING
+    )
+}
+
+/// Whether a socket in this TCP state has queued its own FIN (`CLOSE` as above; a socket
+/// that reaches `TIME_WAIT` hands it to a timewait socket and reports `CLOSE` itself).
+fn fin_sent(state: u8) -> bool {
+    matches!(
+        state,
+        TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_TIME_WAIT | TCP_CLOSE | TCP_LAST_ACK | TCP_CLOSING
+    )
+}
+
+/// Bytes queued for reading (`SIOCINQ`) on a socket in no sockmap.
+pub fn unread(socket: &impl AsFd) -> io::Result<u64> {
+    ioctl_int(socket, libc::FIONREAD)
+}
+
+/// Whether the next byte to read is the urgent mark (`SIOCATMARK`): a read stops short
+/// there, in the middle of a segment.
+pub fn at_urgent_mark(socket: &impl AsFd) -> io::Result<bool> {
+    /// `SIOCATMARK` from <linux/sockios.h>; libc does not export it.
+    const SIOCATMARK: libc::Ioctl = 0x8905;
+    Ok(ioctl_int(socket, SIOCATMARK)? != 0)
+}
+
+/// Keeps urgent (out-of-band) bytes in the stream (`SO_OOBINLINE`), as the kernel relay
+/// does: without it, a user-space read silently skips the urgent byte.
+pub fn keep_urgent_inline(socket: &impl AsFd) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_out_of_band_inline(true)
+}
+
+/// Makes the next close send a reset instead of a FIN (`SO_LINGER` with a zero timeout):
+/// for a connection whose data can no longer be trusted.
+pub fn reset_on_close(socket: &impl AsFd) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO))
+}
+
+fn ioctl_int(socket: &impl AsFd, request: libc::Ioctl) -> io::Result<u64> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: these requests write one int through the pointer, valid for the call.
     let rc = unsafe {
         libc::ioctl(
             socket.as_fd().as_raw_fd(),
-            libc::TIOCOUTQ, // == SIOCOUTQ on Linux
-            &mut queued as *mut libc::c_int,
+            request,
+            &mut value as *mut libc::c_int,
         )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info.tcpi_bytes_acked + u64::try_from(queued).unwrap_or(0))
+    Ok(u64::try_from(value).unwrap_or(0))
 }
 
 /// Runs the socket's data-ready hook over what its receive queue holds, under the socket

@@ -388,10 +388,24 @@ impl Mxlb {
         }
     }
 
-    /// SIGTERM, then wait for the exit status.
+    /// SIGTERM, then wait for the exit status. Fails if the daemon's byte conservation
+    /// check failed for any connection.
     pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
         self.terminate();
-        Ok(self.child.wait()?)
+        let status = self.child.wait()?;
+        let errors = self.integrity_errors();
+        anyhow::ensure!(
+            errors.is_empty(),
+            "mxlb counted integrity errors:\n{}",
+            errors.join("\n")
+        );
+        Ok(status)
+    }
+
+    /// The log lines of failed byte conservation checks (the daemon logs one per
+    /// connection it reset for that). Every test fails on one: see `Drop`.
+    pub fn integrity_errors(&self) -> Vec<String> {
+        self.log_lines(INTEGRITY_ERROR_LOG)
     }
 
     fn terminate(&mut self) {
@@ -423,8 +437,16 @@ impl Drop for Mxlb {
         if std::env::var_os("MXLB_SHOW_LOGS").is_some() {
             eprintln!("--- mxlb log ---\n{}", self.log());
         }
+        // Whatever a test asserted, a daemon that relayed a byte wrong fails it.
+        let errors = self.integrity_errors();
+        if !errors.is_empty() && !std::thread::panicking() {
+            panic!("mxlb counted integrity errors:\n{}", errors.join("\n"));
+        }
     }
 }
+
+/// What the daemon logs (at ERROR) when a connection's byte conservation check fails.
+pub const INTEGRITY_ERROR_LOG: &str = "integrity: byte conservation failed";
 
 /// One entry of a pinned `HASH` map, as raw little-endian integers.
 #[derive(Debug, Clone)]

@@ -418,9 +418,10 @@ fn client_talking_first_arrives_in_order(relay: RelayKind) -> anyhow::Result<()>
         format!("220 late banner\r\n250 {}\r\n", sent.sha256)
     );
 
-    if relay.is_kernel() {
+    if relay == RelayKind::Kernel {
         // The early bytes waited in the client socket's queue; attaching the verdict ran it
-        // over them.
+        // over them. (The adaptive relay hands over only once user space has read the
+        // client's queue dry, so it may find nothing queued.)
         let queued = mxlb.log_lines("verdict run over bytes queued before it was attached");
         assert!(
             queued.iter().any(|line| line.contains("side=Client")),

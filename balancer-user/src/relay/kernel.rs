@@ -30,7 +30,7 @@
 //! after its banner) leaves the kernel the same way, once nothing is in flight, and finishes
 //! in user space.
 
-use std::io::{self, Read};
+use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -41,6 +41,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
+use super::ledger::{self, Ledger, Moment};
 use super::sockmap::KernelRelay;
 use super::watch::Wants;
 use super::{LiveTraffic, Termination};
@@ -129,11 +130,22 @@ impl Side {
 struct Abort(Termination);
 
 /// How the kernel part of a connection ended.
-enum Outcome {
+pub(super) enum Outcome {
+    /// The connection is over (and its ledger balanced); both sockets are closed.
     Ended(Termination),
-    /// A peer fell too far behind, or the kernel refused a socket: both sockets are out of
-    /// its maps with nothing in flight. Relay the rest in user space.
-    UserSpace,
+    /// A peer fell too far behind, or the kernel refused a socket after pairing: both
+    /// sockets are out of its maps with nothing in flight and the ledger balanced. Relay
+    /// on in user space.
+    UserSpace(tokio::net::TcpStream, tokio::net::TcpStream),
+    /// The kernel refused the pair before anything moved: relay the whole rest in user
+    /// space (trying again would only be refused again).
+    Refused(tokio::net::TcpStream, tokio::net::TcpStream),
+}
+
+/// How the kernel loop ended, before teardown.
+enum Exit {
+    Ended(Termination),
+    Left,
 }
 
 impl KernelRelay {
@@ -142,14 +154,16 @@ impl KernelRelay {
         self.relay_after.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Relays one connection in the kernel until both directions are done or one side fails.
-    pub async fn relay(
+    /// Relays one connection in the kernel until both directions are done, one side fails,
+    /// or a peer falls `max_inflight` behind (then both sockets come back for user space).
+    pub(super) async fn relay(
         &self,
         client: tokio::net::TcpStream,
         server: tokio::net::TcpStream,
         live: &LiveTraffic,
         timeout_idle: Duration,
-    ) -> io::Result<Termination> {
+        ledger: &Ledger,
+    ) -> io::Result<Outcome> {
         let (client_cookie, server_cookie) = (sockopt::cookie(&client)?, sockopt::cookie(&server)?);
         // Measured before pairing: from the insert on, the kernel may send into them.
         let client_sent = sockopt::bytes_taken_for_sending(&client)?;
@@ -163,16 +177,26 @@ impl KernelRelay {
             // definition; relay it in user space.
             self.forget(&[client_cookie, server_cookie]);
             debug!("kernel relay refused the pair ({error:#}); relaying in user space");
-            return Ok(Box::pin(super::userspace::relay(client, server, live, timeout_idle)).await);
+            return Ok(Outcome::Refused(client, server));
         }
         if let Some(delay) = self.fault_pairing_delay {
             tokio::time::sleep(delay).await;
         }
-        let mut client = self.side(client, Role::Client, client_cookie, client_sent)?;
-        let mut server = match self.side(server, Role::Server, server_cookie, server_sent) {
-            Ok(server) => server,
+        let sides = self
+            .side(client, Role::Client, client_cookie, client_sent)
+            .and_then(
+                |client| match self.side(server, Role::Server, server_cookie, server_sent) {
+                    Ok(server) => Ok((client, server)),
+                    Err(error) => {
+                        self.watcher.unwatch(&client.stream, client.cookie);
+                        Err(error)
+                    }
+                },
+            );
+        let (mut client, mut server) = match sides {
+            Ok(sides) => sides,
             Err(error) => {
-                self.watcher.unwatch(&client.stream, client.cookie);
+                // The sockets are gone with the error; their entries must not stay behind.
                 self.forget(&[client_cookie, server_cookie]);
                 return Err(error);
             }
@@ -186,20 +210,40 @@ impl KernelRelay {
                 break;
             }
         }
-        match self
-            .run(&mut client, &mut server, timeout_idle, leaving)
-            .await
-        {
-            Outcome::Ended(ended) => {
-                self.unpair(client, server, live);
-                Ok(ended)
+        let exit = self
+            .run(
+                &mut client,
+                &mut server,
+                live,
+                timeout_idle,
+                leaving,
+                ledger,
+            )
+            .await;
+        // Out of every map (psocks gone, SIOCINQ counts the TCP queue again), then balanced.
+        self.release(&client, &server, live);
+        let relayed = live.relayed(None);
+        let checked = match exit {
+            Exit::Ended(Termination::Closed) | Exit::Left => {
+                let moment = match exit {
+                    Exit::Left => Moment::FromKernel,
+                    Exit::Ended(_) => Moment::End,
+                };
+                ledger.balance(&client.stream, &server.stream, relayed, moment)
             }
-            Outcome::UserSpace => {
-                self.release(&client, &server, live);
-                debug!("relaying the rest of the connection in user space");
+            Exit::Ended(_) => ledger.bounds(&client.stream, &server.stream, relayed),
+        };
+        if let Err(violation) = checked {
+            ledger::report(&violation, &client.stream, &server.stream);
+            return Ok(Outcome::Ended(Termination::IntegrityError));
+        }
+        match exit {
+            Exit::Ended(ended) => Ok(Outcome::Ended(ended)),
+            Exit::Left => {
+                debug!("relaying on in user space");
                 let client = tokio::net::TcpStream::from_std(client.stream)?;
                 let server = tokio::net::TcpStream::from_std(server.stream)?;
-                Ok(Box::pin(super::userspace::relay(client, server, live, timeout_idle)).await)
+                Ok(Outcome::UserSpace(client, server))
             }
         }
     }
@@ -277,9 +321,15 @@ impl KernelRelay {
         let mut socks = self.lock_socks();
         let mut peers = self.lock_peers();
         let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        // Verdicts off first, then the redirect targets, then the counters: no verdict
+        // runs for a socket whose entries are half gone.
         for cookie in cookies {
             let _ = socks.remove(cookie);
+        }
+        for cookie in cookies {
             let _ = peers.remove(cookie);
+        }
+        for cookie in cookies {
             let _ = traffic.remove(cookie);
         }
     }
@@ -314,14 +364,21 @@ impl KernelRelay {
         &self,
         client: &mut Side,
         server: &mut Side,
+        live: &LiveTraffic,
         timeout_idle: Duration,
         mut leaving: bool,
-    ) -> Outcome {
+        ledger: &Ledger,
+    ) -> Exit {
         let mut idle = IdleWatch::new(timeout_idle);
         loop {
             // Make all the progress possible without waiting, then sleep until an event.
-            if !leaving && (self.over_bound(client, server) || self.over_bound(server, client)) {
-                leaving = true;
+            let bounded = self
+                .over_bound(client, server)
+                .and_then(|over| Ok(over || self.over_bound(server, client)?));
+            match bounded {
+                Ok(true) => leaving = true,
+                Ok(false) => {}
+                Err(Abort(termination)) => return Exit::Ended(termination),
             }
             let progress = if leaving {
                 self.leave(client, server)
@@ -331,16 +388,29 @@ impl KernelRelay {
                     .map(|()| false)
             };
             match progress.and_then(|left| failed(client).and(failed(server)).map(|()| left)) {
-                Err(Abort(termination)) => return Outcome::Ended(termination),
-                Ok(true) => return Outcome::UserSpace,
+                Err(Abort(termination)) => return Exit::Ended(termination),
+                Ok(true) => return Exit::Left,
                 Ok(false) => {}
             }
             if client.state == Direction::Done && server.state == Direction::Done {
-                return Outcome::Ended(Termination::Closed);
+                return Exit::Ended(Termination::Closed);
             }
-            let moved = self.redirected(client.cookie) + self.redirected(server.cookie);
+            // The bounds, on every wake: a duplicate caught here resets both sides before
+            // the server can answer for an altered message.
+            if let Err(violation) =
+                ledger.bounds(&client.stream, &server.stream, live.relayed(Some(self)))
+            {
+                ledger::report(&violation, &client.stream, &server.stream);
+                return Exit::Ended(Termination::IntegrityError);
+            }
+            // Progress is what the verdict moved and what the peers took: a slow receiver
+            // draining the relay's queue is not idle.
+            let moved = self.redirected(client.cookie)
+                + self.redirected(server.cookie)
+                + sockopt::bytes_taken_for_sending(&client.stream).unwrap_or(0)
+                + sockopt::bytes_taken_for_sending(&server.stream).unwrap_or(0);
             if idle.expired(moved) {
-                return Outcome::Ended(Termination::IdleTimeout);
+                return Exit::Ended(Termination::IdleTimeout);
             }
             let wake_at = [client.poll, server.poll]
                 .into_iter()
@@ -362,37 +432,44 @@ impl KernelRelay {
         let due = from.poll.is_none_or(|poll| poll.at <= Instant::now());
         match from.state {
             Direction::Open => self.check_eof(from, to),
-            Direction::Draining if due => {
-                self.check_drained(from, to);
-                Ok(())
-            }
+            Direction::Draining if due => self.check_drained(from, to),
             _ => Ok(()),
         }
     }
 
     /// Whether `to` has fallen more than `max_inflight` behind the direction from `from`.
-    fn over_bound(&self, from: &mut Side, to: &Side) -> bool {
-        if self.pause_at == u64::MAX || from.state != Direction::Open {
-            return false;
+    fn over_bound(&self, from: &mut Side, to: &Side) -> Result<bool, Abort> {
+        if self.pause_at == u64::MAX || from.state != Direction::Open || !from.attached {
+            return Ok(false);
         }
         from.redirected = self.redirected(from.cookie);
-        let behind = self.peer_behind(from, to);
+        let behind = self.peer_behind(from, to)?;
         if behind > self.pause_at {
             debug!(side = ?from.role, behind, "peer behind: the connection leaves the kernel relay");
-            return true;
+            return Ok(true);
         }
-        false
+        Ok(false)
     }
 
     /// Looks for EOF on an attached socket. The verdict leaves nothing to read there, so a
-    /// read only ever reports EOF, or bytes the verdict could not redirect because the peer
-    /// is gone.
+    /// peek only ever reports EOF, or bytes the verdict could not redirect because the peer
+    /// is gone. A peek, not a read: a read that took a byte of a segment the verdict has
+    /// not seen yet would make the verdict relay that byte twice.
     fn check_eof(&self, from: &mut Side, to: &mut Side) -> Result<(), Abort> {
+        if !from.attached {
+            return Ok(());
+        }
         let mut byte = [0u8; 1];
-        match from.stream.read(&mut byte) {
+        match from.stream.peek(&mut byte) {
             Ok(0) => {
                 from.state = Direction::Draining;
-                self.check_drained(from, to);
+                self.check_drained(from, to)
+            }
+            Ok(_) if self.traffic(from.cookie).passed == 0 => {
+                // Queued, not yet seen by the verdict (it failed to take it, or is about
+                // to): run it again rather than take it for an orphan.
+                let _ = sockopt::run_receive_path(&from.stream);
+                from.wait_on_peer();
                 Ok(())
             }
             Ok(_) => {
@@ -429,8 +506,8 @@ impl KernelRelay {
         client.redirected = self.redirected(client.cookie);
         server.redirected = self.redirected(server.cookie);
         let (client_behind, server_behind) = (
-            self.peer_behind(client, server),
-            self.peer_behind(server, client),
+            self.peer_behind(client, server)?,
+            self.peer_behind(server, client)?,
         );
         let mut in_flight = false;
         for (behind, side) in [(client_behind, &mut *client), (server_behind, &mut *server)] {
@@ -455,12 +532,18 @@ impl KernelRelay {
     }
 
     /// How many bytes of this direction the kernel has redirected that `to` has not taken
-    /// into its own socket yet (they wait in the kernel relay's queue).
-    fn peer_behind(&self, from: &Side, to: &Side) -> u64 {
-        let taken = sockopt::bytes_taken_for_sending(&to.stream)
-            .unwrap_or(u64::MAX)
-            .saturating_sub(to.sent_before_pairing);
-        from.redirected.saturating_sub(taken)
+    /// into its own socket yet (they wait in the kernel relay's queue). A socket whose
+    /// counters cannot be read is not taken for drained: that would let a FIN or a
+    /// withdrawal overtake queued bytes. The connection ends instead.
+    fn peer_behind(&self, from: &Side, to: &Side) -> Result<u64, Abort> {
+        let taken = match sockopt::bytes_taken_for_sending(&to.stream) {
+            Ok(taken) => taken.saturating_sub(to.sent_before_pairing),
+            Err(error) => {
+                debug!(side = ?to.role, %error, "cannot read the socket's counters");
+                return Err(Abort(Termination::Internal));
+            }
+        };
+        Ok(from.redirected.saturating_sub(taken))
     }
 
     fn set_wants(&self, side: &mut Side, wants: Wants) {
@@ -475,9 +558,9 @@ impl KernelRelay {
     }
 
     /// For a draining direction: forward the FIN once `to` has taken every byte.
-    fn check_drained(&self, from: &mut Side, to: &Side) {
+    fn check_drained(&self, from: &mut Side, to: &Side) -> Result<(), Abort> {
         from.redirected = self.redirected(from.cookie);
-        if self.peer_behind(from, to) == 0 {
+        if self.peer_behind(from, to)? == 0 {
             let _ = to.stream.shutdown(Shutdown::Write);
             from.state = Direction::Done;
             from.poll = None;
@@ -489,6 +572,7 @@ impl KernelRelay {
         } else {
             from.wait_on_peer();
         }
+        Ok(())
     }
 
     fn traffic(&self, cookie: u64) -> Traffic {
@@ -522,15 +606,6 @@ impl KernelRelay {
             self.watcher.unwatch(&side.stream, side.cookie);
         }
         self.forget(&[client.cookie, server.cookie]);
-    }
-
-    /// Closes both sockets and deletes their map entries, after saving the kernel's final
-    /// counts in `live`.
-    fn unpair(&self, client: Side, server: Side, live: &LiveTraffic) {
-        self.release(&client, &server, live);
-        // Closing also removes both sockets from the sockhashes.
-        drop(client);
-        drop(server);
     }
 }
 

@@ -5,6 +5,7 @@
 //! cannot load; `relay = "auto"` picks the kernel when it loads and says why when it cannot.
 
 mod kernel;
+pub mod ledger;
 mod sockmap;
 mod userspace;
 mod watch;
@@ -20,6 +21,8 @@ use tracing::{info, warn};
 pub use sockmap::{EBPF_LOG_TARGET, KernelRelay};
 
 use crate::config::RelayMode;
+use crate::sockopt;
+use ledger::{Ledger, Moment};
 
 /// How a relayed connection ended, in the spirit of HAProxy's termination states.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +37,9 @@ pub enum Termination {
     IdleTimeout,
     /// The relay itself failed (a map operation), and closed both sides.
     Internal,
+    /// The byte conservation check failed: both sides were reset, so the server cannot
+    /// take an altered message for a whole one.
+    IntegrityError,
 }
 
 impl fmt::Display for Termination {
@@ -44,6 +50,7 @@ impl fmt::Display for Termination {
             Termination::ServerReset => "server-reset",
             Termination::IdleTimeout => "idle-timeout",
             Termination::Internal => "internal-error",
+            Termination::IntegrityError => "integrity-error",
         })
     }
 }
@@ -109,30 +116,60 @@ impl LiveTraffic {
         self.server_cookie.store(server, Ordering::Release);
     }
 
-    /// Records the kernel's final counts, then forgets the cookies.
+    /// Adds a kernel phase's final counts, then forgets the cookies.
     pub(crate) fn set_unpaired(&self, kernel_in: u64, kernel_out: u64) {
-        self.kernel_in.store(kernel_in, Ordering::Relaxed);
-        self.kernel_out.store(kernel_out, Ordering::Relaxed);
+        self.kernel_in.fetch_add(kernel_in, Ordering::Relaxed);
+        self.kernel_out.fetch_add(kernel_out, Ordering::Relaxed);
         self.client_cookie.store(0, Ordering::Release);
         self.server_cookie.store(0, Ordering::Release);
     }
 
     /// The transfer so far (or in total, once the relay returned).
     pub fn transfer(&self, relay: &Relay, ended: Termination) -> Transfer {
-        let (kernel_in, kernel_out) = match (relay, self.paired()) {
-            (Relay::Kernel(kernel), Some((client, server))) => {
-                (kernel.redirected(client), kernel.redirected(server))
-            }
-            _ => (
-                self.kernel_in.load(Ordering::Relaxed),
-                self.kernel_out.load(Ordering::Relaxed),
-            ),
+        let kernel = match relay {
+            Relay::Kernel(kernel) => Some(kernel.as_ref()),
+            Relay::UserSpace => None,
         };
+        let relayed = self.relayed(kernel);
+        let kernel_bytes = self.kernel_in.load(Ordering::Relaxed)
+            + self.kernel_out.load(Ordering::Relaxed)
+            + self.paired_kernel(kernel).map_or(0, |(i, o)| i + o);
         Transfer {
-            bytes_in: self.daemon_in.load(Ordering::Relaxed) + kernel_in,
-            bytes_out: self.daemon_out.load(Ordering::Relaxed) + kernel_out,
-            kernel: kernel_in + kernel_out,
+            bytes_in: relayed.upstream,
+            bytes_out: relayed.downstream,
+            kernel: kernel_bytes,
             ended,
+        }
+    }
+
+    /// What was passed on each way: by the daemon, by finished kernel phases, and (through
+    /// `kernel`, while paired) by the kernel phase in progress.
+    pub(crate) fn relayed(&self, kernel: Option<&KernelRelay>) -> ledger::Relayed {
+        let (now_in, now_out) = self.paired_kernel(kernel).unwrap_or((0, 0));
+        ledger::Relayed {
+            upstream: self.daemon_in.load(Ordering::Relaxed)
+                + self.kernel_in.load(Ordering::Relaxed)
+                + now_in,
+            downstream: self.daemon_out.load(Ordering::Relaxed)
+                + self.kernel_out.load(Ordering::Relaxed)
+                + now_out,
+        }
+    }
+
+    /// The current kernel phase's counts, while the sockets are paired.
+    fn paired_kernel(&self, kernel: Option<&KernelRelay>) -> Option<(u64, u64)> {
+        let (client, server) = self.paired()?;
+        let kernel = kernel?;
+        Some((kernel.redirected(client), kernel.redirected(server)))
+    }
+}
+
+impl Transfer {
+    /// What was passed on each way, for the byte conservation check.
+    pub fn relayed(&self) -> ledger::Relayed {
+        ledger::Relayed {
+            upstream: self.bytes_in,
+            downstream: self.bytes_out,
         }
     }
 }
@@ -196,8 +233,9 @@ impl Relay {
         }
     }
 
-    /// Relays until both directions are done or one side fails, counting into `live`;
-    /// closes both sockets.
+    /// Relays until both directions are done or one side fails, counting into `live`,
+    /// checking byte conservation at every phase change and at the end; closes both
+    /// sockets.
     pub async fn relay(
         &self,
         client: TcpStream,
@@ -205,29 +243,111 @@ impl Relay {
         live: &LiveTraffic,
         timeout_idle: std::time::Duration,
     ) -> std::io::Result<Termination> {
-        match self {
+        // Urgent bytes stay in the stream on both paths (the verdict forwards them too).
+        sockopt::keep_urgent_inline(&client)?;
+        sockopt::keep_urgent_inline(&server)?;
+        let ledger = Ledger::start(&client, &server)?;
+        let ended = match self {
             // Each phase boxed, so an idle connection holds only the state of the one it is in.
-            Relay::Kernel(kernel) if kernel.relay_after() > 0 => {
-                let phase = Box::pin(userspace::relay_until(
+            Relay::Kernel(kernel) => {
+                return Box::pin(self.relay_with_kernel(
+                    kernel,
                     client,
                     server,
                     live,
                     timeout_idle,
-                    kernel.relay_after(),
+                    &ledger,
                 ))
                 .await;
-                match phase {
-                    userspace::Phase::Finished(ended) => Ok(ended),
-                    userspace::Phase::HandOff(client, server) => {
-                        Box::pin(kernel.relay(client, server, live, timeout_idle)).await
-                    }
-                }
-            }
-            Relay::Kernel(kernel) => {
-                Box::pin(kernel.relay(client, server, live, timeout_idle)).await
             }
             Relay::UserSpace => {
-                Ok(Box::pin(userspace::relay(client, server, live, timeout_idle)).await)
+                Box::pin(userspace::relay(&client, &server, live, timeout_idle)).await
+            }
+        };
+        Ok(self.finish(ended, &client, &server, live, &ledger))
+    }
+
+    /// The kernel relay's phases: user space until `kernel_relay_after` bytes streamed and
+    /// the sockets can be handed over whole, then the kernel; back to user space when a
+    /// peer falls `max_inflight` behind, and to the kernel again at the next whole boundary.
+    async fn relay_with_kernel(
+        &self,
+        kernel: &KernelRelay,
+        client: TcpStream,
+        server: TcpStream,
+        live: &LiveTraffic,
+        timeout_idle: std::time::Duration,
+        ledger: &Ledger,
+    ) -> std::io::Result<Termination> {
+        let (client_whole, server_whole) = ledger.initially_whole();
+        let mut whole = userspace::Whole {
+            client: client_whole,
+            server: server_whole,
+        };
+        let (mut client, mut server) = (client, server);
+        let mut threshold = kernel.relay_after();
+        loop {
+            if !(threshold == 0 && whole.both()) {
+                let phase = Box::pin(userspace::relay_until(
+                    &client,
+                    &server,
+                    live,
+                    timeout_idle,
+                    threshold,
+                    &mut whole,
+                ))
+                .await;
+                if let userspace::Phase::Finished(ended) = phase {
+                    return Ok(self.finish(ended, &client, &server, live, ledger));
+                }
+            }
+            let relayed = live.relayed(Some(kernel));
+            if let Err(violation) = ledger.balance(&client, &server, relayed, Moment::ToKernel) {
+                ledger::report(&violation, &client, &server);
+                return Ok(Termination::IntegrityError);
+            }
+            match Box::pin(kernel.relay(client, server, live, timeout_idle, ledger)).await? {
+                kernel::Outcome::Ended(ended) => return Ok(ended),
+                kernel::Outcome::Refused(client, server) => {
+                    let ended =
+                        Box::pin(userspace::relay(&client, &server, live, timeout_idle)).await;
+                    return Ok(self.finish(ended, &client, &server, live, ledger));
+                }
+                kernel::Outcome::UserSpace(c, s) => {
+                    // Out of the kernel with nothing in flight: the verdict took whole
+                    // segments only, so both queues are whole again.
+                    (client, server) = (c, s);
+                    whole = userspace::Whole {
+                        client: true,
+                        server: true,
+                    };
+                    threshold = kernel.relay_after().max(1);
+                }
+            }
+        }
+    }
+
+    /// Balances the ledger of a connection that ended in user space and closes it.
+    fn finish(
+        &self,
+        ended: Termination,
+        client: &TcpStream,
+        server: &TcpStream,
+        live: &LiveTraffic,
+        ledger: &Ledger,
+    ) -> Termination {
+        let relayed = live.transfer(self, ended).relayed();
+        // Reset or timed out: bytes may rightly be left unrelayed; only the bounds hold.
+        let checked = if ended == Termination::Closed {
+            ledger.balance(client, server, relayed, Moment::End)
+        } else {
+            ledger.bounds(client, server, relayed)
+        };
+        match checked {
+            Ok(()) => ended,
+            Err(violation) => {
+                ledger::report(&violation, client, server);
+                Termination::IntegrityError
             }
         }
     }

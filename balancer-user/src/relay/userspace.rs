@@ -15,7 +15,6 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::{LiveTraffic, Termination};
@@ -42,7 +41,16 @@ enum Forwarded {
 /// Reads what `from` has queued, without waiting, and writes it to `to` as far as `to`
 /// takes it without waiting.
 fn forward(from: &TcpStream, to: &TcpStream) -> Result<Forwarded, Failed> {
-    SCRATCH.with_borrow_mut(|buffer| {
+    SCRATCH.with_borrow_mut(|buffer| forward_through(buffer, from, to))
+}
+
+/// [`forward`] through a buffer of the caller's.
+fn forward_through(
+    buffer: &mut [u8],
+    from: &TcpStream,
+    to: &TcpStream,
+) -> Result<Forwarded, Failed> {
+    {
         let read = match from.try_read(buffer) {
             Ok(0) => return Ok(Forwarded::Eof),
             Ok(n) => n,
@@ -51,9 +59,6 @@ fn forward(from: &TcpStream, to: &TcpStream) -> Result<Forwarded, Failed> {
             }
             Err(_) => return Err(Failed::Reader),
         };
-        if read < buffer.len() {
-            forget_readiness(from);
-        }
         let mut written = 0;
         while written < read {
             match to.try_write(&buffer[written..read]) {
@@ -66,37 +71,51 @@ fn forward(from: &TcpStream, to: &TcpStream) -> Result<Forwarded, Failed> {
             read,
             rest: buffer[written..read].to_vec(),
         })
-    })
+    }
 }
 
-/// After a short read: the socket's receive queue was empty at that moment (TCP copies
-/// until the queue runs dry or the buffer is full), so its readiness is dropped here rather
-/// than by one more `read` that could only say EAGAIN; that read was a third of the
-/// syscalls of every relayed chunk. Safe with tokio's edge-triggered epoll: data or a FIN
-/// arriving later raises a new event, readiness set by an event seen since the read is
-/// kept (tokio compares ticks), and closed states are never cleared.
-fn forget_readiness(socket: &TcpStream) {
-    let _ = socket.try_io(Interest::READABLE, || {
-        Err::<(), _>(io::ErrorKind::WouldBlock.into())
-    });
+/// Once a hand-over is due: reads everything `from` has queued in one go, through a buffer
+/// larger than the queue, so the read comes back short unless bytes keep arriving while it
+/// copies. Returns the chunk and whether the read left the receive queue whole.
+fn forward_all(from: &TcpStream, to: &TcpStream) -> Result<(Forwarded, bool), Failed> {
+    const MARGIN: usize = 64 * 1024;
+    let queued = crate::sockopt::unread(from).map_err(|_| Failed::Reader)?;
+    let size = usize::try_from(queued)
+        .unwrap_or(usize::MAX)
+        .saturating_add(MARGIN);
+    let mut buffer = vec![0; size.min(MAX_DRAIN_READ)];
+    let forwarded = forward_through(&mut buffer, from, to)?;
+    let whole = match &forwarded {
+        Forwarded::Chunk { read, .. } => {
+            *read < buffer.len() && !crate::sockopt::at_urgent_mark(from).unwrap_or(true)
+        }
+        Forwarded::Nothing | Forwarded::Eof => false,
+    };
+    Ok((forwarded, whole))
 }
+
+/// The largest read [`forward_all`] makes (a receive queue can be larger; then it takes
+/// more than one).
+const MAX_DRAIN_READ: usize = 64 * 1024 * 1024;
 
 /// Forwards a half-close: shuts `to`'s write side (errors mean it is closed already).
 fn shutdown_write(to: &TcpStream) {
     let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
 }
 
-/// Which socket failed during a copy.
+/// Which socket failed during a copy, or that the peer took nothing for `timeout_idle`.
 enum Failed {
     Reader,
     Writer,
+    Idle,
 }
 
 /// Relays until both directions reach EOF, one side fails, or nothing moved for
-/// `timeout_idle`, counting into `live`.
+/// `timeout_idle`, counting into `live`. The sockets stay open (the caller balances the
+/// ledger and closes them).
 pub async fn relay(
-    client: TcpStream,
-    server: TcpStream,
+    client: &TcpStream,
+    server: &TcpStream,
     live: &LiveTraffic,
     timeout_idle: Duration,
 ) -> Termination {
@@ -105,11 +124,11 @@ pub async fn relay(
     let last_activity = AtomicU64::new(0);
     let touch = || last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     let idle_since = || started + Duration::from_millis(last_activity.load(Ordering::Relaxed));
-    let upstream = copy_then_shutdown(&client, &server, |n| {
+    let upstream = copy_then_shutdown(client, server, timeout_idle, |n| {
         live.add_daemon_in(n);
         touch();
     });
-    let downstream = copy_then_shutdown(&server, &client, |n| {
+    let downstream = copy_then_shutdown(server, client, timeout_idle, |n| {
         live.add_daemon_out(n);
         touch();
     });
@@ -125,11 +144,13 @@ pub async fn relay(
                 Ok(()) => upstream_done = true,
                 Err(Failed::Reader) => return Termination::ClientReset,
                 Err(Failed::Writer) => return Termination::ServerReset,
+                Err(Failed::Idle) => return Termination::IdleTimeout,
             },
             result = &mut downstream, if !downstream_done => match result {
                 Ok(()) => downstream_done = true,
                 Err(Failed::Reader) => return Termination::ServerReset,
                 Err(Failed::Writer) => return Termination::ClientReset,
+                Err(Failed::Idle) => return Termination::IdleTimeout,
             },
             () = tokio::time::sleep_until(idle_at.into()) => {
                 if idle_since() + timeout_idle <= Instant::now() {
@@ -144,6 +165,7 @@ pub async fn relay(
 async fn copy_then_shutdown(
     from: &TcpStream,
     to: &TcpStream,
+    timeout_idle: Duration,
     count: impl Fn(u64),
 ) -> Result<(), Failed> {
     loop {
@@ -155,40 +177,62 @@ async fn copy_then_shutdown(
                 return Ok(());
             }
             Forwarded::Chunk { read, rest } => {
-                write_all(to, &rest).await.map_err(|_| Failed::Writer)?;
+                write_all(to, &rest, timeout_idle).await?;
                 count(read as u64);
             }
         }
     }
 }
 
-/// How the user-space phase of an adaptive relay ended.
-pub enum Phase {
-    /// The connection ended before it grew long enough for the kernel.
-    Finished(Termination),
-    /// `threshold` bytes relayed, both directions open, nothing buffered in the daemon: the
-    /// sockets go to the kernel relay.
-    HandOff(TcpStream, TcpStream),
+/// Whether each socket's receive queue holds only whole segments: nothing the daemon read
+/// stopped in the middle of one. The kernel relay may only take such a socket: its read
+/// path (`tcp_read_skb`) hands whole segments to the verdict and ignores how much of the
+/// first one was already read, so a partly read segment would be relayed twice in part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Whole {
+    pub client: bool,
+    pub server: bool,
 }
 
-/// Relays in user space until `threshold` bytes came in full reads (then hands the sockets
-/// back at a clean boundary: every byte read has been written), or until the connection
-/// ends.
+impl Whole {
+    pub fn both(self) -> bool {
+        self.client && self.server
+    }
+}
+
+/// How the user-space phase of an adaptive relay ended.
+pub enum Phase {
+    /// The connection ended before it could go to the kernel.
+    Finished(Termination),
+    /// `threshold` bytes relayed, both directions open, nothing buffered in the daemon and
+    /// both receive queues whole: the sockets can go to the kernel relay.
+    HandOff,
+}
+
+/// Relays in user space until `threshold` bytes came in full reads and the sockets can be
+/// handed over whole, or until the connection ends.
 ///
-/// Only reads that fill the whole buffer count: they mean a stream (the DATA of a large
-/// message) rather than a conversation. An SMTP dialogue or a run of small messages over
-/// one session never fills a read, and on the kernel path every such chunk would wait for a
-/// kworker to send it (measured: no CPU saved on loopback, and slower, see
+/// Only reads that fill the whole buffer count toward `threshold`: they mean a stream (the
+/// DATA of a large message) rather than a conversation. An SMTP dialogue or a run of small
+/// messages over one session never fills a read, and on the kernel path every such chunk
+/// would wait for a kworker to send it (measured: no CPU saved on loopback, and slower, see
 /// docs/benchmarks.md, workload 4), so those stay here.
+///
+/// The hand-over waits for a boundary where neither receive queue holds a partly read
+/// segment (see [`Whole`]): each socket's last read came back short, which TCP does only
+/// when the queue ran dry, and not at an urgent mark, the one place a read stops short in
+/// the middle of a segment. Until then the relay goes on here; a stream that the daemon
+/// reads slower than it arrives hands over when the sender pauses.
 ///
 /// One task, one direction at a time: a chunk is read and written whole before the next
 /// read, so there is never a partial chunk to carry over.
 pub async fn relay_until(
-    client: TcpStream,
-    server: TcpStream,
+    client: &TcpStream,
+    server: &TcpStream,
     live: &LiveTraffic,
     timeout_idle: Duration,
     threshold: u64,
+    whole: &mut Whole,
 ) -> Phase {
     let mut moved = 0u64;
     let (mut client_open, mut server_open) = (true, true);
@@ -202,7 +246,15 @@ pub async fn relay_until(
             return Phase::Finished(Termination::Closed);
         }
         if client_open && server_open && moved >= threshold {
-            return Phase::HandOff(client, server);
+            // A socket with nothing unread holds no partly read segment either.
+            for (socket, is_whole) in [(client, &mut whole.client), (server, &mut whole.server)] {
+                if !*is_whole && crate::sockopt::unread(socket).is_ok_and(|n| n == 0) {
+                    *is_whole = true;
+                }
+            }
+            if whole.both() {
+                return Phase::HandOff;
+            }
         }
         let from_client = tokio::select! {
             ready = client.readable(), if client_open => match ready {
@@ -224,20 +276,30 @@ pub async fn relay_until(
         };
         let (from, to, failed_from, failed_to) = if from_client {
             (
-                &client,
-                &server,
+                client,
+                server,
                 Termination::ClientReset,
                 Termination::ServerReset,
             )
         } else {
             (
-                &server,
-                &client,
+                server,
+                client,
                 Termination::ServerReset,
                 Termination::ClientReset,
             )
         };
-        let n = match forward(from, to) {
+        // Once a hand-over is due, each read takes the whole queue, so it can end whole.
+        let due = moved >= threshold;
+        let (forwarded, drained) = if due {
+            match forward_all(from, to) {
+                Ok((forwarded, drained)) => (Ok(forwarded), drained),
+                Err(failed) => (Err(failed), false),
+            }
+        } else {
+            (forward(from, to), false)
+        };
+        let n = match forwarded {
             Ok(Forwarded::Nothing) => continue,
             Ok(Forwarded::Eof) => {
                 // Half-close: forward it and stay in user space for the rest (short anyway).
@@ -250,33 +312,46 @@ pub async fn relay_until(
                 continue;
             }
             Ok(Forwarded::Chunk { read, rest }) => {
-                if write_all(to, &rest).await.is_err() {
-                    return Phase::Finished(failed_to);
+                match write_all(to, &rest, timeout_idle).await {
+                    Ok(()) => {}
+                    Err(Failed::Idle) => return Phase::Finished(Termination::IdleTimeout),
+                    Err(_) => return Phase::Finished(failed_to),
                 }
                 read
             }
             Err(Failed::Reader) => return Phase::Finished(failed_from),
-            Err(Failed::Writer) => return Phase::Finished(failed_to),
+            Err(_) => return Phase::Finished(failed_to),
         };
         if from_client {
             live.add_daemon_in(n as u64);
         } else {
             live.add_daemon_out(n as u64);
         }
-        if n == BUFFER {
+        if n >= BUFFER {
             moved += n as u64;
+        }
+        if from_client {
+            whole.client = drained;
+        } else {
+            whole.server = drained;
         }
         last_activity = Instant::now();
     }
 }
 
-async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+/// Writes all of `bytes`, waiting for room as needed; gives up when `to` takes nothing for
+/// `timeout_idle` (a peer with a zero window must not hold the session for ever).
+async fn write_all(to: &TcpStream, mut bytes: &[u8], timeout_idle: Duration) -> Result<(), Failed> {
     while !bytes.is_empty() {
-        to.writable().await?;
+        match tokio::time::timeout(timeout_idle, to.writable()).await {
+            Err(_) => return Err(Failed::Idle),
+            Ok(Err(_)) => return Err(Failed::Writer),
+            Ok(Ok(())) => {}
+        }
         match to.try_write(bytes) {
             Ok(n) => bytes = &bytes[n..],
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(error) => return Err(error),
+            Err(_) => return Err(Failed::Writer),
         }
     }
     Ok(())

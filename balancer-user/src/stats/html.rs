@@ -54,6 +54,7 @@ fn page_header(snapshot: &StatsSnapshot) -> String {
 <div><dt>servers up</dt><dd>{up}/{total}</dd></div>
 <div><dt>connections</dt><dd title="global maxconn {maxconn}">{conns}/{maxconn}</dd></div>
 <div><dt>reloads</dt><dd title="configuration reloads (SIGHUP) applied / refused"{reload_class}>{reloads}/{reload_failures}</dd></div>
+<div><dt>integrity errors</dt><dd title="connections whose byte conservation check failed; must be 0"{integrity_class}>{integrity_errors}</dd></div>
 </dl>
 </header>"#,
         version = escape(&snapshot.version),
@@ -66,6 +67,8 @@ fn page_header(snapshot: &StatsSnapshot) -> String {
         reload_failures = snapshot.reload_failures,
         // A refused reload means the file on disk is not what runs: worth a colour.
         reload_class = warn_if(snapshot.reload_failures > 0),
+        integrity_errors = snapshot.integrity_errors,
+        integrity_class = warn_if(snapshot.integrity_errors > 0),
     )
 }
 

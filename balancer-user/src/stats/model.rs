@@ -26,6 +26,10 @@ pub struct StatsSnapshot {
     /// configuration in force stayed.
     #[serde(default)]
     pub reload_failures: u64,
+    /// Connections whose byte conservation check failed (the relay reset both sides). It
+    /// must stay 0; anything else is a bug worth a report.
+    #[serde(default)]
+    pub integrity_errors: u64,
     pub listeners: Vec<ListenerStats>,
 }
 

@@ -156,6 +156,14 @@ fn encode_process(enc: &mut DescriptorEncoder, snapshot: &StatsSnapshot) -> fmt:
         ),
         gauge(snapshot.maxconn),
     )?;
+    write_single(
+        enc,
+        desc(
+            "relay_integrity_errors",
+            "Connections whose byte conservation check failed (both sides reset); must stay 0",
+        ),
+        ConstCounter::new(snapshot.integrity_errors),
+    )?;
     let reloads = [
         ("ok", snapshot.reloads),
         ("failed", snapshot.reload_failures),
@@ -466,6 +474,7 @@ pub(crate) mod tests {
             maxconn: 20000,
             reloads: 3,
             reload_failures: 1,
+            integrity_errors: 0,
             listeners: vec![
                 ListenerStats {
                     name: "smtp".to_owned(),
@@ -566,6 +575,7 @@ pub(crate) mod tests {
             "mxlb_listener_refused_no_server_total{listener=\"smtp\"} 4",
             "mxlb_connections_current 2",
             "mxlb_connections_limit 20000",
+            "mxlb_relay_integrity_errors_total 0",
             "mxlb_config_reloads_total{result=\"ok\"} 3",
             "mxlb_config_reloads_total{result=\"failed\"} 1",
             "mxlb_listener_sessions_limit{listener=\"smtp\"} 20000",
