@@ -101,7 +101,9 @@ impl Default for Global {
     fn default() -> Self {
         Global {
             pin_path: PathBuf::from(DEFAULT_PIN_PATH),
-            relay: RelayMode::Auto,
+            // User space by default: it is the relay proven not to duplicate or drop a byte
+            // on any network (docs/architecture.md, "Hand-overs"); the kernel relay is opt-in.
+            relay: RelayMode::Userspace,
             maxconn: DEFAULT_MAXCONN,
             grace: DEFAULT_GRACE,
             log_format: LogFormat::Text,

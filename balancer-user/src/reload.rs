@@ -166,7 +166,7 @@ mod tests {
         };
         assert!(restart_only_changes(&running, &live).is_empty());
         let restart = Global {
-            relay: RelayMode::Userspace,
+            relay: RelayMode::Sockmap,
             log_format: LogFormat::Json,
             max_inflight: 1 << 20,
             ..Global::default()

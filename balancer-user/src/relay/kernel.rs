@@ -231,7 +231,7 @@ impl KernelRelay {
                 };
                 ledger.balance(&client.stream, &server.stream, relayed, moment)
             }
-            Exit::Ended(_) => ledger.bounds(&client.stream, &server.stream, relayed),
+            Exit::Ended(_) => ledger.bounds(&client.stream, &server.stream, || relayed),
         };
         if let Err(violation) = checked {
             ledger::report(&violation, &client.stream, &server.stream);
@@ -398,7 +398,7 @@ impl KernelRelay {
             // The bounds, on every wake: a duplicate caught here resets both sides before
             // the server can answer for an altered message.
             if let Err(violation) =
-                ledger.bounds(&client.stream, &server.stream, live.relayed(Some(self)))
+                ledger.bounds(&client.stream, &server.stream, || live.relayed(Some(self)))
             {
                 ledger::report(&violation, &client.stream, &server.stream);
                 return Exit::Ended(Termination::IntegrityError);

@@ -341,7 +341,7 @@ impl Relay {
         let checked = if ended == Termination::Closed {
             ledger.balance(client, server, relayed, Moment::End)
         } else {
-            ledger.bounds(client, server, relayed)
+            ledger.bounds(client, server, || relayed)
         };
         match checked {
             Ok(()) => ended,
