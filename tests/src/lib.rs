@@ -32,6 +32,7 @@ pub mod haproxy;
 pub mod mxlb;
 pub mod netns;
 pub mod postfix;
+pub mod smtp_source;
 pub mod swaks;
 
 /// Environment variable that keeps fixture directories instead of deleting them.
