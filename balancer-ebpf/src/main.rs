@@ -3,8 +3,9 @@
 //! One stream verdict program, attached to the `mxlb_socks` SOCKHASH in verdict-only mode
 //! (no stream parser). For every chunk of bytes a socket in `mxlb_socks` receives, it looks
 //! up the socket's peer in `mxlb_peers` under the socket's own cookie and redirects the
-//! chunk out of that peer, counting the bytes. Policy (who is paired, when a direction
-//! pauses) lives in user space; this stays small on purpose.
+//! chunk out of that peer, counting the bytes, unless the daemon asked it to hold the
+//! socket's bytes (`mxlb_control`). Policy (who is paired, when a direction pauses) lives in
+//! user space; this stays small on purpose.
 #![no_std]
 #![no_main]
 
@@ -17,7 +18,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::debug;
-use balancer_common::{DEFAULT_MAX_SOCKETS, Event, Traffic};
+use balancer_common::{Control, DEFAULT_MAX_SOCKETS, Event, Traffic};
 
 /// The sockets whose receive path runs this program (it is attached to this map); the
 /// program itself never reads it.
@@ -29,6 +30,9 @@ static MXLB_PEERS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKET
 
 #[map(name = "mxlb_traffic")]
 static MXLB_TRAFFIC: HashMap<u64, Traffic> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+#[map(name = "mxlb_control")]
+static MXLB_CONTROL: HashMap<u64, Control> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
 #[map(name = "mxlb_events")]
 static MXLB_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -59,6 +63,19 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the pointer is valid for this program run. Runs for one socket are serialised
     // by the socket lock, and the daemon never rewrites this value, only reads it.
     let traffic = unsafe { &mut *traffic };
+
+    // Paused, or the daemon has not yet relayed every byte held before: hold this chunk
+    // too. SK_PASS queues it on the socket's own psock, charged to its receive buffer, so
+    // TCP closes the window; the daemon reads it from there in order.
+    // SAFETY: the daemon replaces the value whole; a run sees the old or the new one.
+    let (hold, released) = match unsafe { MXLB_CONTROL.get(&cookie) } {
+        Some(control) => (control.hold != 0, control.released),
+        None => (false, 0),
+    };
+    if hold || traffic.held != released {
+        traffic.held += len;
+        return SK_PASS;
+    }
 
     if MXLB_PEERS.redirect_skb(&ctx, &mut cookie, 0) == i64::from(SK_PASS) {
         let before = traffic.redirected;

@@ -42,6 +42,9 @@ pub struct Counts {
     pub fin_received: bool,
     /// Our FIN has been queued (the TCP state says so).
     pub fin_sent: bool,
+    /// The socket is `CLOSE`: it got there through both FINs or through a reset, and the
+    /// state no longer tells which FINs were exchanged (`fin_*` then say yes).
+    pub closed: bool,
 }
 
 impl Counts {
@@ -64,6 +67,7 @@ impl Counts {
                     taken: after.tcpi_bytes_acked + queued,
                     fin_received: fin_received(after.tcpi_state),
                     fin_sent: fin_sent(after.tcpi_state),
+                    closed: after.tcpi_state == TCP_CLOSE,
                 });
             }
             before = after;

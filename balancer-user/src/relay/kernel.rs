@@ -1,42 +1,42 @@
 //! One connection on the kernel relay: pair, pause, resume, tear down.
 //!
 //! **Pairing** registers each socket as the other's peer in `mxlb_peers`, then attaches the
-//! verdict to both by inserting them into `mxlb_socks`, then runs the verdict once over
-//! whatever each socket already queued (see [`sockopt::run_receive_path`]). From then on
-//! the verdict moves every byte and the daemon sleeps. It never reads or writes a byte of
-//! payload on this path; it watches both sockets (through [`Watcher`], which does not wake
-//! it per redirected chunk) for:
+//! verdict to both by inserting them into `mxlb_socks` (server first), then runs the verdict
+//! once over whatever each socket already queued (see [`sockopt::run_receive_path`]). From
+//! then on the verdict moves every byte and the daemon sleeps; it watches both sockets
+//! (through [`Watcher`], which does not wake it per redirected chunk) for:
 //!
 //! - **The bound** (`global.max_inflight`). Redirected bytes wait on the peer's psock queue,
 //!   which nothing bounds. The verdict reports each step of bytes a socket redirects; when
 //!   a peer has fallen more than the bound behind (relayed − taken into its socket), the
-//!   daemon takes both sockets out of `mxlb_socks`. New bytes then stay in the senders'
-//!   own receive queues, so TCP closes their windows, while the peers drain what the relay
-//!   already queued. Once nothing is in flight either way, the daemon withdraws both psocks
-//!   and relays the rest of the connection in user space, where a slow reader slows its
-//!   sender the ordinary way. The connection does not come back to the kernel: re-attaching
-//!   a socket after such a pause lost or duplicated whole segments in the memory tests
-//!   (likely `tcp_read_skb` relaying a partially overlapping retransmission whole; see
-//!   docs/architecture.md, "Bounded memory").
+//!   daemon *holds* that direction: it sets `hold` in the socket's `mxlb_control` entry, and
+//!   the verdict keeps the socket's new bytes in the socket itself (`SK_PASS`, charged to
+//!   its receive buffer, so TCP closes the window and the sender waits). Once the peer has
+//!   taken every redirected byte, the daemon reads the held bytes and writes them to the
+//!   peer itself, with ordinary backpressure; when it has caught up it releases the hold,
+//!   and the verdict redirects again as soon as every held byte has been relayed — the
+//!   `released` count it compares with its own `held`, so no redirected byte overtakes a
+//!   held one. The sockets never leave the maps while bytes can arrive: removing a socket
+//!   from `mxlb_socks` races with a verdict run on another CPU, which then drops what it
+//!   read (docs/architecture.md, "Hand-overs").
 //! - **Half-close.** The kernel does not forward FIN. On EOF from one side the daemon waits
 //!   until the peer socket has taken every byte of that direction (acked + send queue
-//!   reaches what was redirected), then shuts the peer's write side. Shutting it at once
+//!   reaches what was relayed), then shuts the peer's write side. Shutting it at once
 //!   loses the bytes still queued in the relay.
-//! - **Teardown.** When both directions are done, or either side fails (reset), both
-//!   sockets close; closing removes them from the sockhashes, and the daemon deletes their
-//!   `mxlb_traffic` entries, reading the final byte counts first.
+//! - **Teardown.** When both directions are done, or either side fails (reset), the daemon
+//!   deletes the map entries (reading the final byte counts first), balances the ledger
+//!   and closes both sockets.
 //!
 //! The kernel only takes established sockets. A pair it refuses (a server that closed right
-//! after its banner) leaves the kernel the same way, once nothing is in flight, and finishes
-//! in user space.
+//! after its banner) is relayed in user space; nothing was attached, so nothing moved.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use balancer_common::Traffic;
+use balancer_common::{Control, Traffic};
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
@@ -112,6 +112,12 @@ struct Side {
     redirected: u64,
     /// In `mxlb_socks`: the verdict relays what this socket receives.
     attached: bool,
+    /// `hold` is set in this socket's `mxlb_control` entry.
+    holding: bool,
+    /// Held bytes the daemon read from this socket and wrote to the peer, in full.
+    written: u64,
+    /// Held bytes read from this socket and not yet written to the peer.
+    pending: Vec<u8>,
     state: Direction,
     /// Set while this direction waits on the peer.
     poll: Option<Poll>,
@@ -133,20 +139,13 @@ struct Abort(Termination);
 pub(super) enum Outcome {
     /// The connection is over (and its ledger balanced); both sockets are closed.
     Ended(Termination),
-    /// A peer fell too far behind, or the kernel refused a socket after pairing: both
-    /// sockets are out of its maps with nothing in flight and the ledger balanced. Relay
-    /// on in user space.
-    UserSpace(tokio::net::TcpStream, tokio::net::TcpStream),
     /// The kernel refused the pair before anything moved: relay the whole rest in user
     /// space (trying again would only be refused again).
     Refused(tokio::net::TcpStream, tokio::net::TcpStream),
 }
 
-/// How the kernel loop ended, before teardown.
-enum Exit {
-    Ended(Termination),
-    Left,
-}
+/// How many held bytes the daemon reads at a time.
+const HELD_CHUNK: usize = 64 * 1024;
 
 impl KernelRelay {
     /// The current `kernel_relay_after`.
@@ -202,50 +201,38 @@ impl KernelRelay {
             }
         };
         live.set_paired(client_cookie, server_cookie);
-        let mut leaving = false;
-        for side in [&mut client, &mut server] {
-            if let Err(error) = self.attach(side) {
-                debug!(side = ?side.role, "kernel relay refused the socket ({error:#}); leaving it");
-                leaving = true;
-                break;
-            }
+        // The server first: if the kernel refuses it (it closed right after its banner),
+        // nothing is attached yet and the pair can go to user space whole. A client the
+        // kernel refuses after that has closed before the banner reached it.
+        if let Err(error) = self.attach(&mut server) {
+            debug!("kernel relay refused the server socket ({error:#}); relaying in user space");
+            self.release(&client, &server, live);
+            let client = tokio::net::TcpStream::from_std(client.stream)?;
+            let server = tokio::net::TcpStream::from_std(server.stream)?;
+            return Ok(Outcome::Refused(client, server));
         }
-        let exit = self
-            .run(
-                &mut client,
-                &mut server,
-                live,
-                timeout_idle,
-                leaving,
-                ledger,
-            )
+        if let Err(error) = self.attach(&mut client) {
+            // The client closed (or half-closed) before its socket got the verdict: what it
+            // sent waits whole in its receive queue, and the daemon relays it, as it does a
+            // held direction. The server's bytes still go by the kernel.
+            debug!("kernel relay refused the client socket ({error:#}); relaying its bytes");
+        }
+        let ended = self
+            .run(&mut client, &mut server, live, timeout_idle, ledger)
             .await;
         // Out of every map (psocks gone, SIOCINQ counts the TCP queue again), then balanced.
         self.release(&client, &server, live);
         let relayed = live.relayed(None);
-        let checked = match exit {
-            Exit::Ended(Termination::Closed) | Exit::Left => {
-                let moment = match exit {
-                    Exit::Left => Moment::FromKernel,
-                    Exit::Ended(_) => Moment::End,
-                };
-                ledger.balance(&client.stream, &server.stream, relayed, moment)
-            }
-            Exit::Ended(_) => ledger.bounds(&client.stream, &server.stream, || relayed),
+        let checked = if ended == Termination::Closed {
+            ledger.balance(&client.stream, &server.stream, relayed, Moment::End)
+        } else {
+            ledger.bounds(&client.stream, &server.stream, || relayed)
         };
         if let Err(violation) = checked {
             ledger::report(&violation, &client.stream, &server.stream);
             return Ok(Outcome::Ended(Termination::IntegrityError));
         }
-        match exit {
-            Exit::Ended(ended) => Ok(Outcome::Ended(ended)),
-            Exit::Left => {
-                debug!("relaying on in user space");
-                let client = tokio::net::TcpStream::from_std(client.stream)?;
-                let server = tokio::net::TcpStream::from_std(server.stream)?;
-                Ok(Outcome::UserSpace(client, server))
-            }
-        }
+        Ok(Outcome::Ended(ended))
     }
 
     /// Zeroed `mxlb_traffic` entries, so the verdict counts from the very first byte.
@@ -289,18 +276,6 @@ impl KernelRelay {
                 debug!(side = ?side.role, queued, "verdict run over bytes queued before it was attached");
             }
         }
-        Ok(())
-    }
-
-    /// Takes the verdict off `side`'s receive path; from here its bytes wait in its receive
-    /// queue. Returns once no verdict run for it is in progress any more.
-    fn detach(&self, side: &mut Side) -> Result<(), Abort> {
-        if let Err(error) = self.lock_socks().remove(&side.cookie) {
-            // A socket that was reset has left the map already; `failed` reports that.
-            debug!(side = ?side.role, %error, "detaching: not in mxlb_socks");
-        }
-        side.attached = false;
-        let _ = sockopt::run_receive_path(&side.stream);
         Ok(())
     }
 
@@ -353,6 +328,9 @@ impl KernelRelay {
             cookie,
             redirected: 0,
             attached: false,
+            holding: false,
+            written: 0,
+            pending: Vec::new(),
             state: Direction::Open,
             poll: None,
             wants,
@@ -366,34 +344,23 @@ impl KernelRelay {
         server: &mut Side,
         live: &LiveTraffic,
         timeout_idle: Duration,
-        mut leaving: bool,
         ledger: &Ledger,
-    ) -> Exit {
+    ) -> Termination {
         let mut idle = IdleWatch::new(timeout_idle);
         loop {
             // Make all the progress possible without waiting, then sleep until an event.
-            let bounded = self
-                .over_bound(client, server)
-                .and_then(|over| Ok(over || self.over_bound(server, client)?));
-            match bounded {
-                Ok(true) => leaving = true,
-                Ok(false) => {}
-                Err(Abort(termination)) => return Exit::Ended(termination),
-            }
-            let progress = if leaving {
-                self.leave(client, server)
-            } else {
-                self.step(client, server)
-                    .and_then(|()| self.step(server, client))
-                    .map(|()| false)
-            };
-            match progress.and_then(|left| failed(client).and(failed(server)).map(|()| left)) {
-                Err(Abort(termination)) => return Exit::Ended(termination),
-                Ok(true) => return Exit::Left,
-                Ok(false) => {}
+            let progress = self
+                .hold_if_behind(client, server)
+                .and_then(|()| self.hold_if_behind(server, client))
+                .and_then(|()| self.step(client, server, live))
+                .and_then(|()| self.step(server, client, live))
+                .and_then(|()| failed(client))
+                .and_then(|()| failed(server));
+            if let Err(Abort(termination)) = progress {
+                return termination;
             }
             if client.state == Direction::Done && server.state == Direction::Done {
-                return Exit::Ended(Termination::Closed);
+                return Termination::Closed;
             }
             // The bounds, on every wake: a duplicate caught here resets both sides before
             // the server can answer for an altered message.
@@ -401,17 +368,21 @@ impl KernelRelay {
                 ledger.bounds(&client.stream, &server.stream, || live.relayed(Some(self)))
             {
                 ledger::report(&violation, &client.stream, &server.stream);
-                return Exit::Ended(Termination::IntegrityError);
+                return Termination::IntegrityError;
             }
-            // Progress is what the verdict moved and what the peers took: a slow receiver
+            // Progress is what moved either way and what the peers took: a slow receiver
             // draining the relay's queue is not idle.
             let moved = self.redirected(client.cookie)
                 + self.redirected(server.cookie)
+                + client.written
+                + server.written
                 + sockopt::bytes_taken_for_sending(&client.stream).unwrap_or(0)
                 + sockopt::bytes_taken_for_sending(&server.stream).unwrap_or(0);
             if idle.expired(moved) {
-                return Exit::Ended(Termination::IdleTimeout);
+                return Termination::IdleTimeout;
             }
+            self.update_wants(client, server);
+            self.update_wants(server, client);
             let wake_at = [client.poll, server.poll]
                 .into_iter()
                 .flatten()
@@ -428,7 +399,10 @@ impl KernelRelay {
     }
 
     /// Advances the direction from `from` to `to` as far as it goes without waiting.
-    fn step(&self, from: &mut Side, to: &mut Side) -> Result<(), Abort> {
+    fn step(&self, from: &mut Side, to: &mut Side, live: &LiveTraffic) -> Result<(), Abort> {
+        if self.relays_held(from) {
+            return self.relay_held(from, to, live);
+        }
         let due = from.poll.is_none_or(|poll| poll.at <= Instant::now());
         match from.state {
             Direction::Open => self.check_eof(from, to),
@@ -437,18 +411,120 @@ impl KernelRelay {
         }
     }
 
-    /// Whether `to` has fallen more than `max_inflight` behind the direction from `from`.
-    fn over_bound(&self, from: &mut Side, to: &Side) -> Result<bool, Abort> {
-        if self.pause_at == u64::MAX || from.state != Direction::Open || !from.attached {
-            return Ok(false);
+    /// Whether the daemon relays `side`'s bytes itself: the direction is held, the verdict
+    /// held bytes the daemon has not relayed yet, or the kernel refused the socket.
+    fn relays_held(&self, side: &Side) -> bool {
+        !side.attached
+            || side.holding
+            || !side.pending.is_empty()
+            || self.traffic(side.cookie).held != side.written
+    }
+
+    /// Holds the direction from `from` once `to` has fallen more than `max_inflight` behind.
+    fn hold_if_behind(&self, from: &mut Side, to: &Side) -> Result<(), Abort> {
+        if self.pause_at == u64::MAX || from.state != Direction::Open || from.holding {
+            return Ok(());
         }
         from.redirected = self.redirected(from.cookie);
         let behind = self.peer_behind(from, to)?;
         if behind > self.pause_at {
-            debug!(side = ?from.role, behind, "peer behind: the connection leaves the kernel relay");
-            return Ok(true);
+            debug!(side = ?from.role, behind, "peer behind: holding the direction");
+            self.set_control(from, true)?;
+            // Waits out a verdict run in progress: from here on, new bytes are held.
+            let _ = sockopt::run_receive_path(&from.stream);
         }
-        Ok(false)
+        Ok(())
+    }
+
+    /// Writes `from`'s hold and relayed count to its `mxlb_control` entry.
+    fn set_control(&self, from: &mut Side, hold: bool) -> Result<(), Abort> {
+        let control = Control {
+            hold: u64::from(hold),
+            released: from.written,
+        };
+        let mut map = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(error) = map.insert(from.cookie, control, 0) {
+            debug!(side = ?from.role, %error, "cannot write mxlb_control");
+            return Err(Abort(Termination::Internal));
+        }
+        from.holding = hold;
+        Ok(())
+    }
+
+    /// Relays what the verdict held in `from`: once `to` has taken every redirected byte
+    /// (writing earlier would overtake them), reads the held bytes and writes them to `to`
+    /// as far as it takes them; caught up, releases the hold.
+    fn relay_held(&self, from: &mut Side, to: &mut Side, live: &LiveTraffic) -> Result<(), Abort> {
+        from.redirected = self.redirected(from.cookie);
+        if self.peer_behind(from, to)? > 0 {
+            from.wait_on_peer();
+            return Ok(());
+        }
+        from.poll = None;
+        loop {
+            while !from.pending.is_empty() {
+                match (&to.stream).write(&from.pending) {
+                    Ok(n) => {
+                        from.pending.drain(..n);
+                        from.written += n as u64;
+                        match from.role {
+                            Role::Client => live.add_daemon_in(n as u64),
+                            Role::Server => live.add_daemon_out(n as u64),
+                        }
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Err(Abort(to.role.reset())),
+                }
+            }
+            if from.state != Direction::Open {
+                break;
+            }
+            let mut chunk = vec![0; HELD_CHUNK];
+            match (&from.stream).read(&mut chunk) {
+                Ok(0) if from.attached && self.traffic(from.cookie).held != from.written => {
+                    // Not the end: a held chunk can wait on the socket's psock backlog
+                    // (behind bytes redirected *to* this socket) while the FIN that came
+                    // after it already makes reads return 0. It comes when the backlog
+                    // gets to it.
+                    from.wait_on_peer();
+                    break;
+                }
+                Ok(0) => {
+                    // EOF after the held bytes: forward it once `to` has taken them all.
+                    from.state = Direction::Draining;
+                    break;
+                }
+                Ok(n) => {
+                    chunk.truncate(n);
+                    from.pending = chunk;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(Abort(from.role.reset())),
+            }
+        }
+        // Caught up: every byte read is written. The verdict redirects again once its held
+        // count equals what was written (anything held meanwhile is read on the next wake).
+        if from.state == Direction::Open && from.attached {
+            self.set_control(from, false)?;
+            return Ok(());
+        }
+        if from.state == Direction::Draining {
+            return self.check_drained(from, to);
+        }
+        Ok(())
+    }
+
+    /// Asks the watcher for what `side` waits on: its held bytes to read, and room to
+    /// write while the other direction waits for it to drain or holds bytes for it.
+    fn update_wants(&self, side: &mut Side, other: &Side) {
+        let wants = Wants {
+            input: side.state == Direction::Open && self.relays_held(side),
+            output: other.state == Direction::Draining
+                || (other.state == Direction::Open && (other.holding || !other.pending.is_empty())),
+        };
+        self.set_wants(side, wants);
     }
 
     /// Looks for EOF on an attached socket. The verdict leaves nothing to read there, so a
@@ -491,48 +567,9 @@ impl KernelRelay {
         }
     }
 
-    /// Takes the connection out of the kernel: stops both verdicts (the senders' bytes now
-    /// wait in their own receive queues, under TCP flow control), waits until the peers
-    /// have taken everything already relayed, then withdraws both psocks. Returns whether
-    /// the sockets are free for user space.
-    fn leave(&self, client: &mut Side, server: &mut Side) -> Result<bool, Abort> {
-        for side in [&mut *client, &mut *server] {
-            if side.attached {
-                self.detach(side)?;
-                // Woken as the peer drains, and by the poll in case it drained already.
-                self.set_wants(side, Wants { output: true });
-            }
-        }
-        client.redirected = self.redirected(client.cookie);
-        server.redirected = self.redirected(server.cookie);
-        let (client_behind, server_behind) = (
-            self.peer_behind(client, server)?,
-            self.peer_behind(server, client)?,
-        );
-        let mut in_flight = false;
-        for (behind, side) in [(client_behind, &mut *client), (server_behind, &mut *server)] {
-            if behind > 0 {
-                side.wait_on_peer();
-                in_flight = true;
-            }
-        }
-        if in_flight {
-            return Ok(false);
-        }
-        self.withdraw_peers(client, server);
-        Ok(true)
-    }
-
-    /// Removes both sockets from `mxlb_peers`: with no map left, their psocks go.
-    fn withdraw_peers(&self, client: &Side, server: &Side) {
-        let mut peers = self.lock_peers();
-        for cookie in [client.cookie, server.cookie] {
-            let _ = peers.remove(&cookie);
-        }
-    }
-
-    /// How many bytes of this direction the kernel has redirected that `to` has not taken
-    /// into its own socket yet (they wait in the kernel relay's queue). A socket whose
+    /// How many bytes of this direction the relay passed on (redirected by the kernel,
+    /// written by the daemon) that `to` has not taken into its own socket yet (they wait in
+    /// the kernel relay's queue). A socket whose
     /// counters cannot be read is not taken for drained: that would let a FIN or a
     /// withdrawal overtake queued bytes. The connection ends instead.
     fn peer_behind(&self, from: &Side, to: &Side) -> Result<u64, Abort> {
@@ -543,7 +580,7 @@ impl KernelRelay {
                 return Err(Abort(Termination::Internal));
             }
         };
-        Ok(from.redirected.saturating_sub(taken))
+        Ok((from.redirected + from.written).saturating_sub(taken))
     }
 
     fn set_wants(&self, side: &mut Side, wants: Wants) {

@@ -268,8 +268,8 @@ impl Relay {
     }
 
     /// The kernel relay's phases: user space until `kernel_relay_after` bytes streamed and
-    /// the sockets can be handed over whole, then the kernel; back to user space when a
-    /// peer falls `max_inflight` behind, and to the kernel again at the next whole boundary.
+    /// the sockets can be handed over whole, then the kernel to the end (a peer that falls
+    /// `max_inflight` behind is handled there, without leaving the maps).
     async fn relay_with_kernel(
         &self,
         kernel: &KernelRelay,
@@ -284,45 +284,31 @@ impl Relay {
             client: client_whole,
             server: server_whole,
         };
-        let (mut client, mut server) = (client, server);
-        let mut threshold = kernel.relay_after();
-        loop {
-            if !(threshold == 0 && whole.both()) {
-                let phase = Box::pin(userspace::relay_until(
-                    &client,
-                    &server,
-                    live,
-                    timeout_idle,
-                    threshold,
-                    &mut whole,
-                ))
-                .await;
-                if let userspace::Phase::Finished(ended) = phase {
-                    return Ok(self.finish(ended, &client, &server, live, ledger));
-                }
+        let threshold = kernel.relay_after();
+        if !(threshold == 0 && whole.both()) {
+            let phase = Box::pin(userspace::relay_until(
+                &client,
+                &server,
+                live,
+                timeout_idle,
+                threshold,
+                &mut whole,
+            ))
+            .await;
+            if let userspace::Phase::Finished(ended) = phase {
+                return Ok(self.finish(ended, &client, &server, live, ledger));
             }
-            let relayed = live.relayed(Some(kernel));
-            if let Err(violation) = ledger.balance(&client, &server, relayed, Moment::ToKernel) {
-                ledger::report(&violation, &client, &server);
-                return Ok(Termination::IntegrityError);
-            }
-            match Box::pin(kernel.relay(client, server, live, timeout_idle, ledger)).await? {
-                kernel::Outcome::Ended(ended) => return Ok(ended),
-                kernel::Outcome::Refused(client, server) => {
-                    let ended =
-                        Box::pin(userspace::relay(&client, &server, live, timeout_idle)).await;
-                    return Ok(self.finish(ended, &client, &server, live, ledger));
-                }
-                kernel::Outcome::UserSpace(c, s) => {
-                    // Out of the kernel with nothing in flight: the verdict took whole
-                    // segments only, so both queues are whole again.
-                    (client, server) = (c, s);
-                    whole = userspace::Whole {
-                        client: true,
-                        server: true,
-                    };
-                    threshold = kernel.relay_after().max(1);
-                }
+        }
+        let relayed = live.relayed(Some(kernel));
+        if let Err(violation) = ledger.balance(&client, &server, relayed, Moment::ToKernel) {
+            ledger::report(&violation, &client, &server);
+            return Ok(Termination::IntegrityError);
+        }
+        match Box::pin(kernel.relay(client, server, live, timeout_idle, ledger)).await? {
+            kernel::Outcome::Ended(ended) => Ok(ended),
+            kernel::Outcome::Refused(client, server) => {
+                let ended = Box::pin(userspace::relay(&client, &server, live, timeout_idle)).await;
+                Ok(self.finish(ended, &client, &server, live, ledger))
             }
         }
     }

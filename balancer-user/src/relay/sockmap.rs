@@ -14,7 +14,8 @@ use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use balancer_common::{
-    EVENT_STEP_GLOBAL, EVENTS_MAP, PEERS_MAP, SOCKS_MAP, TRAFFIC_MAP, Traffic, VERDICT_PROGRAM,
+    CONTROL_MAP, Control, EVENT_STEP_GLOBAL, EVENTS_MAP, PEERS_MAP, SOCKS_MAP, TRAFFIC_MAP,
+    Traffic, VERDICT_PROGRAM,
 };
 use tracing::{debug, info, warn};
 
@@ -33,6 +34,8 @@ pub struct KernelRelay {
     /// Redirect targets: cookie -> peer socket.
     pub(super) peers: Mutex<SockHash<MapData, u64>>,
     pub(super) traffic: Mutex<HashMap<MapData, u64, Traffic>>,
+    /// Per socket: whether the verdict holds its bytes for the daemon.
+    pub(super) control: Mutex<HashMap<MapData, u64, Control>>,
     pub(super) watcher: Arc<Watcher>,
     /// Pause a direction once its peer is this many bytes behind (3/4 of `max_inflight`: one
     /// event step of margin for bytes redirected before the pause takes effect).
@@ -76,6 +79,7 @@ impl KernelRelay {
             .map_max_entries(SOCKS_MAP, max_sockets)
             .map_max_entries(TRAFFIC_MAP, max_sockets)
             .map_max_entries(PEERS_MAP, max_sockets)
+            .map_max_entries(CONTROL_MAP, max_sockets)
             .override_global("AYA_LOG_LEVEL", &ebpf_log_level, false)
             .override_global(EVENT_STEP_GLOBAL, &event_step, true)
             .load(EBPF_OBJECT)
@@ -98,6 +102,7 @@ impl KernelRelay {
         let socks: SockHash<MapData, u64> = take(SOCKS_MAP)?.try_into()?;
         let traffic: HashMap<MapData, u64, Traffic> = take(TRAFFIC_MAP)?.try_into()?;
         let peers: SockHash<MapData, u64> = take(PEERS_MAP)?.try_into()?;
+        let control: HashMap<MapData, u64, Control> = take(CONTROL_MAP)?.try_into()?;
         let events: RingBuf<MapData> = take(EVENTS_MAP)?.try_into()?;
 
         let program: &mut SkSkb = ebpf
@@ -140,6 +145,7 @@ impl KernelRelay {
             fault_pairing_delay,
             socks: Mutex::new(socks),
             traffic: Mutex::new(traffic),
+            control: Mutex::new(control),
             peers: Mutex::new(peers),
             pins,
             pin_dir: pin_dir.to_owned(),
@@ -214,6 +220,7 @@ fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
         SOCKS_MAP,
         TRAFFIC_MAP,
         PEERS_MAP,
+        CONTROL_MAP,
         EVENTS_MAP,
     ] {
         let stale = pin_dir.join(name);

@@ -6,7 +6,8 @@
 //! would wake for every chunk of a mail it never touches. So kernel-relayed sockets leave
 //! tokio's reactor and join this one epoll instance, with `EPOLLRDHUP` (FIN) and the always
 //! reported `EPOLLERR | EPOLLHUP`; `EPOLLOUT` is added only while a paused direction waits
-//! for this socket to drain. One task reads the epoll instance and notifies the connection
+//! for this socket to drain, `EPOLLIN` only while the verdict holds this socket's bytes for
+//! the daemon to relay. One task reads the epoll instance and notifies the connection
 //! the event belongs to, by socket cookie.
 
 use std::collections::HashMap;
@@ -26,6 +27,8 @@ const EVENT_BATCH: usize = 256;
 /// What a connection wants to hear about one of its sockets, beyond FIN and errors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Wants {
+    /// Bytes to read (`EPOLLIN`): the verdict holds this socket's bytes for the daemon.
+    pub input: bool,
     /// Room in the send buffer (`EPOLLOUT`): the socket is draining.
     pub output: bool,
 }
@@ -33,6 +36,9 @@ pub struct Wants {
 impl Wants {
     fn flags(self) -> EpollFlags {
         let mut flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+        if self.input {
+            flags |= EpollFlags::EPOLLIN;
+        }
         if self.output {
             flags |= EpollFlags::EPOLLOUT;
         }
