@@ -68,7 +68,7 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
     // too. SK_PASS queues it on the socket's own psock, charged to its receive buffer, so
     // TCP closes the window; the daemon reads it from there in order.
     // SAFETY: the daemon replaces the value whole; a run sees the old or the new one.
-    let (hold, released) = match unsafe { MXLB_CONTROL.get(&cookie) } {
+    let (hold, released) = match unsafe { MXLB_CONTROL.get(cookie) } {
         Some(control) => (control.hold != 0, control.released),
         None => (false, 0),
     };
