@@ -119,9 +119,14 @@ fn exact_counts(relay: RelayKind) -> Result<()> {
                     && kernel_bytes >= if name == "one" { sizes[2] } else { sizes[3] },
                 "{name}: kernel_bytes {s}"
             ),
-            // At least the first kernel_relay_after (32 KiB) went through the daemon.
+            // At least the first kernel_relay_after (32 KiB) went through the daemon. Whether
+            // the rest went by the kernel depends on whether this client (which half-closes
+            // as soon as it has written) was still sending at the hand-over: the kernel
+            // refuses a socket whose peer has closed. mta_integrity.rs and relay.rs show the
+            // adaptive relay's kernel share with clients that wait for their reply, as SMTP
+            // clients do.
             RelayKind::Adaptive => ensure!(
-                kernel_bytes > 0 && kernel_bytes <= sent + out - 32 * 1024,
+                kernel_bytes <= sent + out - 32 * 1024,
                 "{name}: kernel_bytes {s}"
             ),
             RelayKind::UserSpace => ensure!(kernel_bytes == 0, "{name}: {s}"),
