@@ -17,7 +17,27 @@ pub fn cookie(socket: &impl AsFd) -> io::Result<u64> {
 /// The kernel relay compares this with what it redirected into the socket to know when every
 /// byte of a direction has left the relay's own queues (then forwarding a FIN is safe).
 pub fn bytes_taken_for_sending(socket: &impl AsFd) -> io::Result<u64> {
-    Ok(Counts::read(socket)?.taken)
+    // As in `Counts::read`, but only an ACK can tear this reading: arriving data cannot.
+    let mut before = tcp_info(socket)?.tcpi_bytes_acked;
+    for _ in 0..TRIES {
+        let queued = ioctl_int(socket, libc::TIOCOUTQ)?; // == SIOCOUTQ
+        let after = tcp_info(socket)?.tcpi_bytes_acked;
+        if before == after {
+            return Ok(after + queued);
+        }
+        before = after;
+    }
+    Err(unsteady())
+}
+
+/// How many times a reading is tried before the counters are given up as too busy.
+const TRIES: usize = 64;
+
+fn unsteady() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "socket counters kept moving while read",
+    )
 }
 
 /// One consistent reading of a socket's byte counters, from `TCP_INFO` and two ioctls.
@@ -42,16 +62,12 @@ pub struct Counts {
     pub fin_received: bool,
     /// Our FIN has been queued (the TCP state says so).
     pub fin_sent: bool,
-    /// The socket is `CLOSE`: it got there through both FINs or through a reset, and the
-    /// state no longer tells which FINs were exchanged (`fin_*` then say yes).
-    pub closed: bool,
 }
 
 impl Counts {
     /// Reads until two `TCP_INFO` readings around the ioctls agree (a busy socket may need a
     /// few tries); after many tries, the last reading with `Err(Unsteady)`.
     pub fn read(socket: &impl AsFd) -> io::Result<Counts> {
-        const TRIES: usize = 64;
         let mut before = tcp_info(socket)?;
         for _ in 0..TRIES {
             let unread = ioctl_int(socket, libc::FIONREAD)?; // == SIOCINQ
@@ -67,15 +83,11 @@ impl Counts {
                     taken: after.tcpi_bytes_acked + queued,
                     fin_received: fin_received(after.tcpi_state),
                     fin_sent: fin_sent(after.tcpi_state),
-                    closed: after.tcpi_state == TCP_CLOSE,
                 });
             }
             before = after;
         }
-        Err(io::Error::new(
-            io::ErrorKind::WouldBlock,
-            "socket counters kept moving while read",
-        ))
+        Err(unsteady())
     }
 }
 
@@ -89,8 +101,8 @@ const TCP_LAST_ACK: u8 = 9;
 const TCP_CLOSING: u8 = 11;
 
 /// Whether a socket in this TCP state has received its peer's FIN. `CLOSE` is counted too:
-/// a relayed socket reaches it after `LAST_ACK` (both FINs) or after a reset, and a reset
-/// connection is not balanced.
+/// a relayed socket reaches it after `LAST_ACK` or `TIME_WAIT` (both FINs) or after a
+/// reset, and the ledger does not balance a socket with a pending reset.
 fn fin_received(state: u8) -> bool {
     matches!(
         state,

@@ -32,7 +32,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,6 +144,10 @@ pub(super) enum Outcome {
     Refused(tokio::net::TcpStream, tokio::net::TcpStream),
 }
 
+/// What [`KernelRelay::peer_behind`] says when the peer's counters could not be read
+/// steadily: behind, so nothing that waits for a drained peer goes ahead.
+const UNKNOWN: u64 = u64::MAX;
+
 /// How many held bytes the daemon reads at a time.
 const HELD_CHUNK: usize = 64 * 1024;
 
@@ -174,7 +178,10 @@ impl KernelRelay {
             // Nothing is attached yet, so nothing moved: a server that closed right after
             // its banner (CLOSE_WAIT already) is refused. Such a connection is short by
             // definition; relay it in user space.
-            self.forget(&[client_cookie, server_cookie]);
+            self.forget(
+                &[client_cookie, server_cookie],
+                &[client.as_fd(), server.as_fd()],
+            );
             debug!("kernel relay refused the pair ({error:#}); relaying in user space");
             return Ok(Outcome::Refused(client, server));
         }
@@ -196,7 +203,7 @@ impl KernelRelay {
             Ok(sides) => sides,
             Err(error) => {
                 // The sockets are gone with the error; their entries must not stay behind.
-                self.forget(&[client_cookie, server_cookie]);
+                self.forget(&[client_cookie, server_cookie], &[]);
                 return Err(error);
             }
         };
@@ -220,6 +227,15 @@ impl KernelRelay {
         let ended = self
             .run(&mut client, &mut server, live, timeout_idle, ledger)
             .await;
+        if matches!(
+            ended,
+            Termination::ClientReset | Termination::ServerReset | Termination::Internal
+        ) {
+            // Bytes may be left in the relay's queues: the peers must not take the close for
+            // an orderly end of the stream.
+            let _ = sockopt::reset_on_close(&client.stream);
+            let _ = sockopt::reset_on_close(&server.stream);
+        }
         // Out of every map (psocks gone, SIOCINQ counts the TCP queue again), then balanced.
         self.release(&client, &server, live);
         let relayed = live.relayed(None);
@@ -292,20 +308,32 @@ impl KernelRelay {
     }
 
     /// Deletes the map entries of these sockets (the sockets stay open).
-    fn forget(&self, cookies: &[u64]) {
-        let mut socks = self.lock_socks();
-        let mut peers = self.lock_peers();
-        let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
-        // Verdicts off first, then the redirect targets, then the counters: no verdict
-        // runs for a socket whose entries are half gone.
-        for cookie in cookies {
-            let _ = socks.remove(cookie);
+    fn forget(&self, cookies: &[u64], sockets: &[BorrowedFd<'_>]) {
+        // Verdicts off first. Removing a socket from `mxlb_socks` does not wait for a verdict
+        // run in progress on another CPU, so each socket's lock is taken once (which waits
+        // it out) before the entries that run may still use go: the redirect targets, the
+        // counters, the daemon's word.
+        {
+            let mut socks = self.lock_socks();
+            for cookie in cookies {
+                let _ = socks.remove(cookie);
+            }
         }
+        for socket in sockets {
+            let _ = sockopt::run_receive_path(socket);
+        }
+        let mut peers = self.lock_peers();
         for cookie in cookies {
             let _ = peers.remove(cookie);
         }
+        let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
         for cookie in cookies {
             let _ = traffic.remove(cookie);
+        }
+        let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        for cookie in cookies {
+            // Gone with the connection: the map has room for the sockets open now only.
+            let _ = control.remove(cookie);
         }
     }
 
@@ -427,9 +455,13 @@ impl KernelRelay {
         }
         from.redirected = self.redirected(from.cookie);
         let behind = self.peer_behind(from, to)?;
-        if behind > self.pause_at {
+        if behind > self.pause_at && behind != UNKNOWN {
             debug!(side = ?from.role, behind, "peer behind: holding the direction");
-            self.set_control(from, true)?;
+            if self.set_control(from, true).is_err() {
+                // No room in mxlb_control: the bound is not kept for this connection, but
+                // no byte is at stake.
+                return Ok(());
+            }
             // Waits out a verdict run in progress: from here on, new bytes are held.
             let _ = sockopt::run_receive_path(&from.stream);
         }
@@ -499,7 +531,10 @@ impl KernelRelay {
                     chunk.truncate(n);
                     from.pending = chunk;
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    self.check_stuck(from)?;
+                    break;
+                }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return Err(Abort(from.role.reset())),
             }
@@ -512,6 +547,23 @@ impl KernelRelay {
         }
         if from.state == Direction::Draining {
             return self.check_drained(from, to);
+        }
+        Ok(())
+    }
+
+    /// Held bytes the daemon cannot read yet wait on the socket's psock backlog behind bytes
+    /// redirected *to* it, and there the kernel charges them to nothing (the window stays
+    /// open). They come out when this socket's peer reads what is ahead of them; a peer
+    /// that sends without reading could otherwise pile up memory without bound, so past
+    /// the bound the connection ends.
+    fn check_stuck(&self, from: &Side) -> Result<(), Abort> {
+        let held = self.traffic(from.cookie).held;
+        // SIOCINQ on a paired socket counts the psock's readable queue only.
+        let readable = sockopt::unread(&from.stream).unwrap_or(0);
+        let stuck = held.saturating_sub(from.written + from.pending.len() as u64 + readable);
+        if self.pause_at != u64::MAX && stuck > self.pause_at {
+            debug!(side = ?from.role, stuck, "held bytes stuck behind the other direction");
+            return Err(Abort(Termination::Internal));
         }
         Ok(())
     }
@@ -575,6 +627,8 @@ impl KernelRelay {
     fn peer_behind(&self, from: &Side, to: &Side) -> Result<u64, Abort> {
         let taken = match sockopt::bytes_taken_for_sending(&to.stream) {
             Ok(taken) => taken.saturating_sub(to.sent_before_pairing),
+            // Counters moving too fast to read: not drained as far as anyone can tell.
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(UNKNOWN),
             Err(error) => {
                 debug!(side = ?to.role, %error, "cannot read the socket's counters");
                 return Err(Abort(Termination::Internal));
@@ -642,7 +696,10 @@ impl KernelRelay {
         for side in [client, server] {
             self.watcher.unwatch(&side.stream, side.cookie);
         }
-        self.forget(&[client.cookie, server.cookie]);
+        self.forget(
+            &[client.cookie, server.cookie],
+            &[client.stream.as_fd(), server.stream.as_fd()],
+        );
     }
 }
 

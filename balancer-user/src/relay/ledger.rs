@@ -155,6 +155,12 @@ impl Ledger {
         relayed: Relayed,
         moment: Moment,
     ) -> Result<(), Violation> {
+        if moment == Moment::End && (reset(client) || reset(server)) {
+            // Reset after the relay's last look (the client hung up before the banner
+            // reached it, say): bytes may rightly be lost there, and a reset socket's FINs
+            // cannot be told from its state. Only the bounds hold.
+            return self.bounds(client, server, || relayed);
+        }
         let (Ok(c), Ok(s)) = (Counts::read(client), Counts::read(server)) else {
             // A socket that failed (reset) or kept moving: the next balance covers it.
             return Ok(());
@@ -214,6 +220,11 @@ pub fn report(violation: &Violation, client: &impl AsFd, server: &impl AsFd) {
     let _ = sockopt::reset_on_close(server);
 }
 
+/// Whether the socket has a pending error (a reset the relay has not seen).
+fn reset(socket: &impl AsFd) -> bool {
+    !matches!(socket2::SockRef::from(socket).take_error(), Ok(None))
+}
+
 /// Bytes read from a socket so far (by anyone), FIN left out.
 fn consumed(counts: &Counts) -> u64 {
     counts
@@ -255,14 +266,12 @@ impl Direction {
     }
 
     fn balance(&self, from: &Counts, to: &Counts, moment: Moment) -> Result<(), Violation> {
-        // A `CLOSE` socket may have been reset before a FIN went either way; its FIN is
-        // then one byte the counts cannot place, and that one byte is let through.
         let read = consumed(from).wrapping_sub(self.from.consumed);
-        if read != self.relayed && !(from.closed && read + 1 == self.relayed) {
+        if read != self.relayed {
             return Err(self.violation(moment, "source", read));
         }
         let given = sent(to).wrapping_sub(self.to.taken);
-        if given != self.relayed && !(to.closed && given + 1 == self.relayed) {
+        if given != self.relayed {
             return Err(self.violation(moment, "sink", given));
         }
         Ok(())
@@ -304,7 +313,6 @@ mod tests {
             taken,
             fin_received: fin,
             fin_sent: fin,
-            closed: false,
         }
     }
 
@@ -342,17 +350,6 @@ mod tests {
             .unwrap_err();
         assert_eq!((violation.side, violation.kernel_says), ("source", 1000));
         assert!(direction(1100).bounds(&from, &to).is_err());
-    }
-
-    #[test]
-    fn a_socket_reset_before_any_fin_is_balanced_within_the_fin() {
-        // The client reset the connection after taking the banner: CLOSE, no FIN sent.
-        let from = counts(10 + 9, 0, 0, false);
-        let mut to = counts(0, 0, 50 + 9, true);
-        to.closed = true;
-        assert_eq!(direction(9).balance(&from, &to, Moment::End), Ok(()));
-        to.closed = false;
-        assert!(direction(9).balance(&from, &to, Moment::End).is_err());
     }
 
     #[test]
