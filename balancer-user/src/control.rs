@@ -88,6 +88,14 @@ pub fn render_table(snapshot: &StatsSnapshot) -> String {
             }
         );
     }
+    if snapshot.integrity_errors > 0 {
+        let _ = writeln!(
+            out,
+            "INTEGRITY ERRORS: {} connections failed the byte conservation check and were \
+             reset (the log has each: grep 'integrity:')",
+            snapshot.integrity_errors
+        );
+    }
     for listener in &snapshot.listeners {
         let _ = writeln!(
             out,
@@ -174,14 +182,21 @@ mod tests {
         let mut snapshot = sample_without_reloads_or_bad_headers();
         let quiet = render_table(&snapshot);
         assert!(
-            !quiet.contains("reloads:") && !quiet.contains("PROXY header"),
+            !quiet.contains("reloads:")
+                && !quiet.contains("PROXY header")
+                && !quiet.contains("INTEGRITY"),
             "{quiet}"
         );
 
         snapshot.reloads = 2;
         snapshot.reload_failures = 1;
         snapshot.listeners[0].bad_proxy_headers = 7;
+        snapshot.integrity_errors = 3;
         let table = render_table(&snapshot);
+        assert!(
+            table.contains("INTEGRITY ERRORS: 3 connections failed the byte conservation"),
+            "{table}"
+        );
         assert!(
             table.contains("reloads: 2 applied, 1 refused (the log says why"),
             "{table}"

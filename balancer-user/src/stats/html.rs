@@ -400,6 +400,16 @@ mod tests {
     }
 
     #[test]
+    fn integrity_errors_show_and_warn_when_not_zero() {
+        let mut snapshot = sample_without_reloads_or_bad_headers();
+        let page = render(&snapshot);
+        assert!(page.contains(r#"must be 0">0</dd>"#), "{page}");
+        snapshot.integrity_errors = 2;
+        let page = render(&snapshot);
+        assert!(page.contains(r#"must be 0" class="warn">2</dd>"#), "{page}");
+    }
+
+    #[test]
     fn escapes_snapshot_strings() {
         let mut snapshot = sample();
         snapshot.listeners[0].servers[0].name = "<script>alert('x')</script>".to_owned();
