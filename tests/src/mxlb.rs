@@ -445,6 +445,116 @@ impl Drop for Mxlb {
     }
 }
 
+/// The fields of one `connection finished` log line (text log format): how a connection
+/// was relayed, by the daemon's own numbers.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The whole line, for failure messages.
+    pub line: String,
+    pub client: String,
+    /// `kernel` or `userspace`: the daemon's relay, not where the bytes went.
+    pub relay: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Bytes the eBPF verdict redirected, both directions together (from `mxlb_traffic`).
+    pub kernel_bytes: u64,
+    pub ended: String,
+}
+
+impl Finished {
+    pub fn parse(line: &str) -> anyhow::Result<Finished> {
+        anyhow::ensure!(
+            line.contains("connection finished"),
+            "not a `connection finished` line: {line}"
+        );
+        Ok(Finished {
+            line: line.to_owned(),
+            client: log_text(line, "client")?.to_owned(),
+            relay: log_text(line, "relay")?.to_owned(),
+            bytes_in: log_field(line, "bytes_in")?,
+            bytes_out: log_field(line, "bytes_out")?,
+            kernel_bytes: log_field(line, "kernel_bytes")?,
+            ended: log_text(line, "ended")?.to_owned(),
+        })
+    }
+
+    /// Every byte relayed, both directions.
+    pub fn total(&self) -> u64 {
+        self.bytes_in + self.bytes_out
+    }
+
+    /// The part of [`Finished::total`] the kernel carried (0 when nothing moved).
+    pub fn kernel_share(&self) -> f64 {
+        if self.total() == 0 {
+            0.0
+        } else {
+            self.kernel_bytes as f64 / self.total() as f64
+        }
+    }
+}
+
+/// A `key=value` field's text from a log line.
+pub fn log_text<'a>(line: &'a str, key: &str) -> anyhow::Result<&'a str> {
+    let prefix = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix(&prefix))
+        .with_context(|| format!("no {key} in {line}"))
+}
+
+/// A `key=value` number from a log line.
+pub fn log_field(line: &str, key: &str) -> anyhow::Result<u64> {
+    let text = log_text(line, key)?;
+    text.parse()
+        .with_context(|| format!("{key}={text} is not a number in {line}"))
+}
+
+impl Mxlb {
+    /// Every `connection finished` line so far, parsed, in log order.
+    pub fn finished(&self) -> anyhow::Result<Vec<Finished>> {
+        self.log_lines("connection finished")
+            .iter()
+            .map(|line| Finished::parse(line))
+            .collect()
+    }
+
+    /// Waits until at least `count` connections have finished; returns them all.
+    pub fn wait_finished(&self, count: usize, timeout: Duration) -> anyhow::Result<Vec<Finished>> {
+        self.wait_for_log_count("connection finished", count, timeout)?
+            .iter()
+            .map(|line| Finished::parse(line))
+            .collect()
+    }
+
+    /// Waits for the `connection finished` line of the connection from `client` (the
+    /// address mxlb logs: the socket's, or the one an `accept_proxy` header claimed).
+    pub fn finished_for(&self, client: SocketAddr, timeout: Duration) -> anyhow::Result<Finished> {
+        let wanted = client.to_string();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = self.finished()?.into_iter().find(|f| f.client == wanted) {
+                return Ok(found);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no `connection finished` line for {client} within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the kernel has redirected so far for the connections open now, summed over
+    /// every socket in `mxlb_traffic` (field 0 of `balancer_common::Traffic`).
+    pub fn redirected_now(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .map_entries("mxlb_traffic")?
+            .iter()
+            .map(|entry| entry.u64_field(0))
+            .sum())
+    }
+}
+
 /// What the daemon logs (at ERROR) when a connection's byte conservation check fails.
 pub const INTEGRITY_ERROR_LOG: &str = "integrity: byte conservation failed";
 
