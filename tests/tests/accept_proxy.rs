@@ -18,7 +18,7 @@ use mxlb_tests::delivery::send_round_robin;
 use mxlb_tests::haproxy::{Haproxy, HaproxyConfig, SendProxy};
 use mxlb_tests::mxlb::http::get_json;
 use mxlb_tests::mxlb::{
-    Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path, with_stats,
+    Finished, Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path, with_stats,
 };
 use mxlb_tests::{free_addr, wait_until};
 
@@ -67,6 +67,31 @@ fn v2_tcp6(source: std::net::SocketAddrV6, destination: std::net::SocketAddrV6) 
     header.extend_from_slice(&source.port().to_be_bytes());
     header.extend_from_slice(&destination.port().to_be_bytes());
     header
+}
+
+/// Who carried a connection's bytes, by the daemon's count: `RelayKind::Kernel` pairs at
+/// once (`kernel_relay_after = 0`, right after the header was read, when nothing followed
+/// it), and 1 MiB cannot put a reader `max_inflight` (4 MiB) behind, so the kernel carried
+/// every byte after the header; the user-space relay none.
+fn check_carried(relay: RelayKind, finished: &Finished) -> Result<()> {
+    ensure!(
+        finished.bytes_in == 1 << 20 && finished.bytes_out == BANNER.len() as u64,
+        "the header is not relayed, the rest is: {}",
+        finished.line
+    );
+    match relay {
+        RelayKind::Kernel => ensure!(
+            finished.kernel_bytes == finished.total(),
+            "the kernel carried every byte: {}",
+            finished.line
+        ),
+        RelayKind::Adaptive | RelayKind::UserSpace => ensure!(
+            finished.kernel_bytes == 0,
+            "relayed in user space: {}",
+            finished.line
+        ),
+    }
+    Ok(())
 }
 
 /// Sends `header`, then 1 MiB after the banner; returns what the backend saw.
@@ -135,6 +160,9 @@ fn passes_the_claimed_client_on(relay: RelayKind) -> Result<()> {
                 .any(|l| l.contains("client=[2001:db8::7]:40002")),
         "the log names the claimed clients: {logged:?}"
     );
+    for claimed in ["203.0.113.7:40001", "[2001:db8::7]:40002"] {
+        check_carried(relay, &mxlb.finished_for(claimed.parse()?, TIMEOUT)?)?;
+    }
     Ok(())
 }
 
@@ -202,6 +230,10 @@ fn connections_without_a_usable_header_are_closed_and_counted() -> Result<()> {
         &backend,
     )?;
     ensure!(info.source.ip() == Ipv4Addr::new(192, 0, 2, 9), "{info:?}");
+    check_carried(
+        RelayKind::Kernel,
+        &mxlb.finished_for("192.0.2.9:40003".parse()?, TIMEOUT)?,
+    )?;
     Ok(())
 }
 
@@ -233,6 +265,15 @@ fn per_source_limits_count_the_claimed_client() -> Result<()> {
     );
     let (_other, third) = open("203.0.113.2")?;
     ensure!(third == BANNER, "another claimed source: {third:?}");
+    // The two served connections are open and paired (`kernel_relay_after = 0`): the
+    // kernel's own counters show it relayed both banners (a client reads its banner only
+    // after the verdict redirected it, and counted it), and nothing else.
+    let redirected = mxlb.redirected_now()?;
+    ensure!(
+        redirected == 2 * BANNER.len() as u64,
+        "mxlb_traffic: {redirected} bytes redirected, two banners expected: {:?}",
+        mxlb.map_entries("mxlb_traffic")?
+    );
     Ok(())
 }
 
@@ -270,5 +311,15 @@ fn behind_haproxy_postfix_sees_the_true_clients() -> Result<()> {
         "{}",
         mxlb.log()
     );
+    // Six SMTP sessions, each paired at once (`kernel_relay_after = 0`) and far too short
+    // to put a reader `max_inflight` behind: the kernel carried every byte of each.
+    let finished = mxlb.wait_finished(6, TIMEOUT)?;
+    for session in &finished {
+        ensure!(
+            session.total() > 0 && session.kernel_bytes == session.total(),
+            "the kernel carried every byte: {}",
+            session.line
+        );
+    }
     Ok(())
 }

@@ -99,7 +99,7 @@ fn dual_stack(relay: RelayKind) -> Result<()> {
     ];
     let (text, pins) =
         dual_stack_config(relay, &format!("ipv6-{relay:?}"), &[v4, v6], &servers, "");
-    let _mxlb = Mxlb::start(&text, v6, &pins)?;
+    let mxlb = Mxlb::start(&text, v6, &pins)?;
 
     // Round robin: v1, v2, v1, v2.
     for (listener, backend) in [(v6, &v1), (v6, &v2), (v4, &v1), (v4, &v2)] {
@@ -110,6 +110,27 @@ fn dual_stack(relay: RelayKind) -> Result<()> {
             info.source == client && info.destination == listener,
             "{listener}: the server was told {info:?}, the client was {client}"
         );
+        // Who carried the bytes, by the daemon's count. `RelayKind::Kernel` pairs at once
+        // (`kernel_relay_after = 0`), and 1 MiB cannot put a reader `max_inflight` (4 MiB)
+        // behind, so the kernel carried every byte, over IPv6 sockets too.
+        let finished = mxlb.finished_for(client, TIMEOUT)?;
+        ensure!(
+            finished.bytes_in == MIB && finished.bytes_out == BANNER.len() as u64,
+            "{}",
+            finished.line
+        );
+        match relay {
+            RelayKind::Kernel => ensure!(
+                finished.kernel_bytes == finished.total(),
+                "the kernel carried every byte: {}",
+                finished.line
+            ),
+            RelayKind::Adaptive | RelayKind::UserSpace => ensure!(
+                finished.kernel_bytes == 0,
+                "relayed in user space: {}",
+                finished.line
+            ),
+        }
     }
     Ok(())
 }
@@ -148,7 +169,7 @@ fn ipv6_sources_are_grouped_by_prefix() -> Result<()> {
             &servers,
             "max_conn_per_source = 1\n",
         );
-        let _mxlb = Mxlb::start(&text, listen, &pins)?;
+        let mxlb = Mxlb::start(&text, listen, &pins)?;
         let open = |from: &str| -> Result<(TcpStream, String)> {
             let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
             let from: IpAddr = from.parse()?;
@@ -165,6 +186,15 @@ fn ipv6_sources_are_grouped_by_prefix() -> Result<()> {
         ensure!(second.starts_with("421 4.7.0"), "same /64: {second:?}");
         let (_next_64, third) = open("2001:db8:0:1::a")?;
         ensure!(third == BANNER, "the next /64: {third:?}");
+        // The two served connections are open and paired (`kernel_relay_after = 0`): the
+        // kernel's own counters show it relayed both banners (a client reads its banner
+        // only after the verdict redirected it, and counted it), and nothing else.
+        let redirected = mxlb.redirected_now()?;
+        ensure!(
+            redirected == 2 * BANNER.len() as u64,
+            "mxlb_traffic: {redirected} bytes redirected, two banners expected: {:?}",
+            mxlb.map_entries("mxlb_traffic")?
+        );
         Ok(())
     })
 }
