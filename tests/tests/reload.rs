@@ -14,8 +14,8 @@ use mxlb_tests::backend::{
 };
 use mxlb_tests::mxlb::http::{get_json, post_json, server};
 use mxlb_tests::mxlb::{
-    Mxlb, RelayKind, ServerEntry, config, config_with_listener_keys, pin_path, with_global_keys,
-    with_stats,
+    Finished, Mxlb, RelayKind, ServerEntry, config, config_with_listener_keys, pin_path,
+    with_global_keys, with_stats,
 };
 use mxlb_tests::{free_addr, sha256_hex, wait_until};
 
@@ -53,12 +53,38 @@ fn entry(name: &str, addr: SocketAddr) -> ServerEntry<'_> {
 
 /// A connection through the balancer; returns its banner line.
 fn banner_of(listen: SocketAddr) -> Result<String> {
+    Ok(banner_and_client(listen)?.0)
+}
+
+/// [`banner_of`], with the client's address (what the daemon logs the connection under).
+fn banner_and_client(listen: SocketAddr) -> Result<(String, SocketAddr)> {
     let mut client =
         TcpStream::connect(listen).with_context(|| format!("connecting to {listen}"))?;
     client.set_read_timeout(Some(TIMEOUT))?;
     let banner = read_line(&mut client)?;
     client.shutdown(Shutdown::Write)?;
-    Ok(banner)
+    Ok((banner, client.local_addr()?))
+}
+
+/// Who carried a finished connection's bytes, by the daemon's count. With
+/// `RelayKind::Kernel` (`kernel_relay_after = 0`) every connection here is paired at once
+/// and moves far less than `max_inflight` (4 MiB), so no direction is ever held: the kernel
+/// carried every byte. The user-space relay carries them all itself.
+fn check_carried(relay: RelayKind, finished: &Finished) -> Result<()> {
+    ensure!(finished.total() > 0, "nothing moved: {}", finished.line);
+    match relay {
+        RelayKind::Kernel => ensure!(
+            finished.kernel_bytes == finished.total(),
+            "the kernel carried every byte: {}",
+            finished.line
+        ),
+        RelayKind::Adaptive | RelayKind::UserSpace => ensure!(
+            finished.kernel_bytes == 0,
+            "relayed in user space: {}",
+            finished.line
+        ),
+    }
+    Ok(())
 }
 
 fn stats(base: SocketAddr) -> Result<serde_json::Value> {
@@ -93,6 +119,18 @@ fn adds_a_server_and_established_relays_carry_on(relay: RelayKind) -> Result<()>
     early.set_read_timeout(Some(TIMEOUT))?;
     ensure!(read_line(&mut early)? == "220 a\r\n");
     send_pattern(&mut early, 3, MIB as u64)?;
+    if relay.is_kernel() {
+        // Before the reload, the kernel relays the early connection: its own counters
+        // reach the banner and the first MiB.
+        let carried = (MIB + "220 a\r\n".len()) as u64;
+        wait_until(
+            "the kernel relayed the first MiB",
+            TIMEOUT,
+            Duration::from_millis(20),
+            || Ok((mxlb.redirected_now()? == carried).then_some(())),
+        )
+        .with_context(|| format!("mxlb_traffic: {:?}", mxlb.map_entries("mxlb_traffic")))?;
+    }
 
     let after = with_global_keys(
         &config_with_stats(
@@ -123,6 +161,13 @@ fn adds_a_server_and_established_relays_carry_on(relay: RelayKind) -> Result<()>
         received.bytes == 2 * MIB as u64 && received.sha256 == sha256_hex(&expected),
         "the connection relayed across the reload lost or changed bytes: {received:?}"
     );
+    let carried = mxlb.finished_for(early.local_addr()?, TIMEOUT)?;
+    ensure!(
+        carried.bytes_in == 2 * MIB as u64 && carried.bytes_out == "220 a\r\n".len() as u64,
+        "{}",
+        carried.line
+    );
+    check_carried(relay, &carried)?;
 
     let banners: Vec<String> = (0..4).map(|_| banner_of(listen)).collect::<Result<_>>()?;
     let from_a = banners.iter().filter(|b| *b == "220 a\r\n").count();
@@ -131,6 +176,9 @@ fn adds_a_server_and_established_relays_carry_on(relay: RelayKind) -> Result<()>
         from_a == 2 && from_b == 2,
         "round robin over both: {banners:?}"
     );
+    for finished in mxlb.wait_finished(5, TIMEOUT)? {
+        check_carried(relay, &finished)?;
+    }
 
     let snapshot = wait_until(
         "the four sessions are counted",
@@ -200,6 +248,9 @@ fn reload_keeps_health_and_admin_state() -> Result<()> {
         let banner = banner_of(listen)?;
         ensure!(banner == "220 a\r\n", "only a takes clients: {banner:?}");
     }
+    for finished in mxlb.wait_finished(4, TIMEOUT)? {
+        check_carried(RelayKind::Kernel, &finished)?;
+    }
     Ok(())
 }
 
@@ -220,7 +271,12 @@ fn reload_moves_addresses_and_adds_a_listener() -> Result<()> {
         base,
     );
     let mxlb = Mxlb::start(&before, old_addr, &pins)?;
-    ensure!(banner_of(old_addr)? == "220 a\r\n");
+    let (banner, before_reload) = banner_and_client(old_addr)?;
+    ensure!(banner == "220 a\r\n");
+    check_carried(
+        RelayKind::Kernel,
+        &mxlb.finished_for(before_reload, TIMEOUT)?,
+    )?;
 
     let after = config_with_stats(
         RelayKind::UserSpace,
@@ -260,8 +316,20 @@ fn reload_moves_addresses_and_adds_a_listener() -> Result<()> {
             })
         },
     )?;
-    ensure!(banner_of(new_addr)? == "220 a\r\n");
-    ensure!(banner_of(submission)? == "220 b\r\n");
+    let (banner, on_new) = banner_and_client(new_addr)?;
+    ensure!(banner == "220 a\r\n");
+    let (banner, on_submission) = banner_and_client(submission)?;
+    ensure!(banner == "220 b\r\n");
+    // Still the kernel relay (a restart-only key), but the new configuration has the
+    // default `kernel_relay_after` (32 KiB, a reloadable key): a banner stays in user space.
+    for client in [on_new, on_submission] {
+        let finished = mxlb.finished_for(client, TIMEOUT)?;
+        ensure!(
+            finished.relay == "kernel" && finished.total() > 0 && finished.kernel_bytes == 0,
+            "{}",
+            finished.line
+        );
+    }
     let snapshot = stats(base)?;
     ensure!(
         snapshot["relay"] == "kernel",
@@ -320,10 +388,10 @@ fn a_failed_reload_changes_nothing() -> Result<()> {
         "{verdict}"
     );
 
-    ensure!(
-        banner_of(listen)? == "220 a\r\n",
-        "the old configuration serves"
-    );
+    let (banner, client) = banner_and_client(listen)?;
+    ensure!(banner == "220 a\r\n", "the old configuration serves");
+    // Still with the old configuration's `kernel_relay_after = 0`.
+    check_carried(RelayKind::Kernel, &mxlb.finished_for(client, TIMEOUT)?)?;
     let snapshot = stats(base)?;
     ensure!(field(&snapshot, "reloads") == 0, "{snapshot}");
     ensure!(field(&snapshot, "reload_failures") == 2, "{snapshot}");
@@ -440,6 +508,11 @@ fn reloads_under_a_stream_of_clients_drop_no_connection() -> Result<()> {
     let served = clients.join().expect("client thread")?;
     eprintln!("{served} clients served across 10 reloads");
     ensure!(served >= 10, "only {served} clients got through");
+    // Every generation pairs at once (`kernel_relay_after = 0`): each banner went by the
+    // kernel.
+    for finished in mxlb.wait_finished(served, TIMEOUT)? {
+        check_carried(RelayKind::Kernel, &finished)?;
+    }
     let snapshot = stats(base)?;
     ensure!(field(&snapshot, "reloads") == 10, "{snapshot}");
     Ok(())
@@ -490,14 +563,18 @@ fn a_raised_global_maxconn_beyond_the_kernel_maps_relays_the_rest_in_user_space(
     sent.sort_by(|x, y| x.sha256.cmp(&y.sha256));
     ensure!(received == sent, "every stream intact");
     drop(clients);
-    let finished = mxlb.wait_for_log_count("connection finished", 4, TIMEOUT)?;
+    let finished = mxlb.wait_finished(4, TIMEOUT)?;
+    let whole = (MIB + "220 a\r\n".len()) as u64;
+    ensure!(finished.iter().all(|f| f.total() == whole), "{finished:#?}");
     let in_kernel = finished
         .iter()
-        .filter(|l| !l.contains("kernel_bytes=0 "))
+        .filter(|f| f.kernel_bytes == f.total())
         .count();
+    let in_user_space = finished.iter().filter(|f| f.kernel_bytes == 0).count();
     ensure!(
-        in_kernel == 2,
-        "two pairs fit the maps sized for maxconn 2, the other two ran in user space: {finished:#?}"
+        in_kernel == 2 && in_user_space == 2,
+        "two pairs fit the maps sized for maxconn 2 (the kernel carried every byte), the \
+         other two ran in user space: {finished:#?}"
     );
     Ok(())
 }
@@ -539,10 +616,14 @@ fn kernel_relay_after_changes_with_a_reload() -> Result<()> {
         mxlb.log()
     );
     one_mib(51)?;
-    let finished = mxlb.wait_for_log_count("connection finished", 2, TIMEOUT)?;
+    let finished = mxlb.wait_finished(2, TIMEOUT)?;
+    let whole = (MIB + "220 a\r\n".len()) as u64;
     ensure!(
-        !finished[0].contains("kernel_bytes=0 ") && finished[1].contains("kernel_bytes=0 "),
-        "paired at once, then kept in user space: {finished:#?}"
+        finished[0].total() == whole
+            && finished[0].kernel_bytes == whole
+            && finished[1].total() == whole
+            && finished[1].kernel_bytes == 0,
+        "paired at once (the kernel carried every byte), then kept in user space: {finished:#?}"
     );
     Ok(())
 }
