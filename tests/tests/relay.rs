@@ -718,3 +718,98 @@ fn adaptive_relay_pairs_streams_not_conversations() -> anyhow::Result<()> {
     drop((chatty, bulky));
     mxlb.wait_until_clean(idle_fds, true)
 }
+
+/// Regression: `relay_until`, the user-space phase of the kernel relay (before the
+/// hand-over), awaited a blocked write outside its idle timer, so a server that stopped
+/// reading (a zero window) held the session for ever. The kernel relay with
+/// `kernel_relay_after = 1GiB` keeps the connection in that phase; the user-space relay is
+/// the control.
+#[test]
+fn zero_window_server_is_closed_at_the_idle_timeout_before_the_hand_over() -> anyhow::Result<()> {
+    zero_window_server_is_closed_at_the_idle_timeout(RelayKind::Adaptive)
+}
+
+#[test]
+fn zero_window_server_is_closed_at_the_idle_timeout_in_user_space() -> anyhow::Result<()> {
+    zero_window_server_is_closed_at_the_idle_timeout(RelayKind::UserSpace)
+}
+
+/// A server that greets and then never reads, a client that pushes far more than every
+/// socket buffer on the way can hold: the daemon's write to the server blocks for good,
+/// and `timeout_idle` (2 s) must still end the connection.
+fn zero_window_server_is_closed_at_the_idle_timeout(relay: RelayKind) -> anyhow::Result<()> {
+    // More than the client's send buffer (tcp_wmem max 4 MiB), the daemon's receive buffer
+    // (tcp_rmem max 32 MiB), its send buffer and the server's receive buffer together.
+    const PUSHED: u64 = 256 * MIB;
+    const DEADLINE: Duration = Duration::from_secs(60);
+    // The server keeps its socket open, unread, until the test is over (`done` dropped).
+    let (done, over) = std::sync::mpsc::channel::<()>();
+    let over = std::sync::Mutex::new(over);
+    let backend = Backend::spawn(move |mut stream, _| {
+        stream.write_all(b"220 not listening\r\n")?;
+        let over = over.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = over.recv_timeout(Duration::from_secs(300));
+        drop(stream);
+        Ok(())
+    })?;
+    let listen = mxlb_tests::free_addr();
+    let pins = pin_path(&format!("zero-window-{relay:?}"));
+    let text = mxlb_tests::mxlb::config_with_listener_keys(
+        relay,
+        &pins,
+        listen,
+        &[ServerEntry {
+            name: "stalled",
+            addr: backend.addr,
+            send_proxy: "v1",
+        }],
+        "timeout_idle = \"2s\"\n",
+    );
+    let text = if relay.is_kernel() {
+        // Never handed over: the connection stays in `relay_until` for good.
+        mxlb_tests::mxlb::with_global_keys(&text, "kernel_relay_after = \"1GiB\"\n")
+    } else {
+        text
+    };
+    let mxlb = Mxlb::start(&text, listen, &pins)?;
+    let idle_fds = mxlb.fd_count()?;
+
+    let mut client = TcpStream::connect(listen)?;
+    client.set_read_timeout(Some(DEADLINE))?;
+    assert_eq!(read_line(&mut client)?, "220 not listening\r\n");
+    let mut writer = client.try_clone()?;
+    let pusher = std::thread::spawn(move || send_pattern(&mut writer, 77, PUSHED));
+
+    // The daemon ends the connection: the client reads an EOF or a reset, not the timeout.
+    let mut rest = Vec::new();
+    let ended = client.read_to_end(&mut rest);
+    ensure!(
+        rest.is_empty()
+            && !matches!(&ended, Err(e) if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )),
+        "the connection to a zero-window server was not ended within {DEADLINE:?}: \
+         {ended:?} {rest:?}\n{}",
+        mxlb.log()
+    );
+    let finished = mxlb.finished_for(client.local_addr()?, DEADLINE)?;
+    let line = &finished.line;
+    ensure!(finished.ended == "idle-timeout", "{line}");
+    // The server stopped taking bytes long before the client was done, and the kernel
+    // relay never took the connection over.
+    ensure!(
+        finished.bytes_in < PUSHED && finished.kernel_bytes == 0,
+        "{line}"
+    );
+    // The client's push fails: the daemon closed the connection under it.
+    let deadline = Instant::now() + DEADLINE;
+    while !pusher.is_finished() {
+        ensure!(Instant::now() < deadline, "the client's write still blocks");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pushed = pusher.join().expect("pusher thread");
+    ensure!(pushed.is_err(), "the whole push went through: {pushed:?}");
+    drop((client, done));
+    mxlb.wait_until_clean(idle_fds, relay.is_kernel())
+}
