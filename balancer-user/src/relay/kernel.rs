@@ -148,6 +148,10 @@ pub(super) enum Outcome {
 /// steadily: behind, so nothing that waits for a drained peer goes ahead.
 const UNKNOWN: u64 = u64::MAX;
 
+/// The least [`KernelRelay::check_stuck`] tolerates: a busy psock backlog worker is
+/// normally behind by a few MiB, which is not the unbounded case it guards against.
+const STUCK_LIMIT: u64 = 64 << 20;
+
 /// How many held bytes the daemon reads at a time.
 const HELD_CHUNK: usize = 64 * 1024;
 
@@ -239,10 +243,13 @@ impl KernelRelay {
         // Out of every map (psocks gone, SIOCINQ counts the TCP queue again), then balanced.
         self.release(&client, &server, live);
         let relayed = live.relayed(None);
-        let checked = if ended == Termination::Closed {
-            ledger.balance(&client.stream, &server.stream, relayed, Moment::End)
-        } else {
-            ledger.bounds(&client.stream, &server.stream, || relayed)
+        let checked = match ended {
+            Termination::Closed => {
+                ledger.balance(&client.stream, &server.stream, relayed, Moment::End)
+            }
+            // Reported already, once.
+            Termination::IntegrityError => Ok(()),
+            _ => ledger.bounds(&client.stream, &server.stream, || relayed),
         };
         if let Err(violation) = checked {
             ledger::report(&violation, &client.stream, &server.stream);
@@ -561,7 +568,7 @@ impl KernelRelay {
         // SIOCINQ on a paired socket counts the psock's readable queue only.
         let readable = sockopt::unread(&from.stream).unwrap_or(0);
         let stuck = held.saturating_sub(from.written + from.pending.len() as u64 + readable);
-        if self.pause_at != u64::MAX && stuck > self.pause_at {
+        if self.pause_at != u64::MAX && stuck > STUCK_LIMIT.max(16 * self.pause_at) {
             debug!(side = ?from.role, stuck, "held bytes stuck behind the other direction");
             return Err(Abort(Termination::Internal));
         }

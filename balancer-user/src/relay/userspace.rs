@@ -177,8 +177,10 @@ async fn copy_then_shutdown(
                 return Ok(());
             }
             Forwarded::Chunk { read, rest } => {
-                write_all(to, &rest, timeout_idle).await?;
-                count(read as u64);
+                // Counted as written: a write that fails or times out half-way (or this
+                // future dropped at the idle timeout) still leaves the ledger exact.
+                count((read - rest.len()) as u64);
+                write_all(to, &rest, timeout_idle, &count).await?;
             }
         }
     }
@@ -312,7 +314,15 @@ pub async fn relay_until(
                 continue;
             }
             Ok(Forwarded::Chunk { read, rest }) => {
-                match write_all(to, &rest, timeout_idle).await {
+                let count = |n: u64| {
+                    if from_client {
+                        live.add_daemon_in(n);
+                    } else {
+                        live.add_daemon_out(n);
+                    }
+                };
+                count((read - rest.len()) as u64);
+                match write_all(to, &rest, timeout_idle, &count).await {
                     Ok(()) => {}
                     Err(Failed::Idle) => return Phase::Finished(Termination::IdleTimeout),
                     Err(_) => return Phase::Finished(failed_to),
@@ -322,11 +332,6 @@ pub async fn relay_until(
             Err(Failed::Reader) => return Phase::Finished(failed_from),
             Err(_) => return Phase::Finished(failed_to),
         };
-        if from_client {
-            live.add_daemon_in(n as u64);
-        } else {
-            live.add_daemon_out(n as u64);
-        }
         if n >= BUFFER {
             moved += n as u64;
         }
@@ -341,7 +346,12 @@ pub async fn relay_until(
 
 /// Writes all of `bytes`, waiting for room as needed; gives up when `to` takes nothing for
 /// `timeout_idle` (a peer with a zero window must not hold the session for ever).
-async fn write_all(to: &TcpStream, mut bytes: &[u8], timeout_idle: Duration) -> Result<(), Failed> {
+async fn write_all(
+    to: &TcpStream,
+    mut bytes: &[u8],
+    timeout_idle: Duration,
+    count: &impl Fn(u64),
+) -> Result<(), Failed> {
     while !bytes.is_empty() {
         match tokio::time::timeout(timeout_idle, to.writable()).await {
             Err(_) => return Err(Failed::Idle),
@@ -349,7 +359,10 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8], timeout_idle: Duration) -> 
             Ok(Ok(())) => {}
         }
         match to.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
+            Ok(n) => {
+                count(n as u64);
+                bytes = &bytes[n..];
+            }
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => return Err(Failed::Writer),
         }
