@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use toml::Spanned;
 
+use crate::privilege::RunAs;
 use crate::proxy_header::ProxyVersion;
 
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/mxlb";
@@ -84,6 +85,9 @@ pub struct Global {
     /// one: the kernel relay's own work runs in softirq on every CPU, and on the 2-CPU
     /// machines measured, one thread beat two (docs/benchmarks.md).
     pub threads: u32,
+    /// The user (and group) the daemon becomes once it has loaded the kernel relay and
+    /// bound its sockets; `None` (the default) stays root.
+    pub user: Option<RunAs>,
 }
 
 impl Global {
@@ -110,6 +114,7 @@ impl Default for Global {
             max_inflight: DEFAULT_MAX_INFLIGHT,
             kernel_relay_after: DEFAULT_KERNEL_RELAY_AFTER,
             threads: 0,
+            user: None,
         }
     }
 }
@@ -141,6 +146,11 @@ pub struct Stats {
     pub bind: SocketAddr,
     /// Bearer token for the admin endpoints; `None` turns them off.
     pub admin_token: Option<String>,
+    /// Connections the stats port serves at once; past it they get a 503 and are closed.
+    pub maxconn: u32,
+    /// A request's deadline, from the connection's start or the previous request: slow
+    /// and idle clients are closed there.
+    pub timeout: Duration,
 }
 
 /// One `[[listen]]` section: addresses to accept on and the servers behind them.
@@ -484,6 +494,8 @@ struct RawGlobal {
     max_inflight: Option<Spanned<HumanSize>>,
     kernel_relay_after: Option<Spanned<HumanSize>>,
     threads: Option<Spanned<u32>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
 }
 
 impl RawGlobal {
@@ -505,7 +517,33 @@ impl RawGlobal {
                 .kernel_relay_after
                 .map_or(defaults.kernel_relay_after, |size| size.into_inner().0),
             threads: bounded(self.threads, defaults.threads, 0..=1024, "threads")?,
+            user: run_as(self.user, self.group)?,
         })
+    }
+}
+
+/// `user` and `group` looked up in the system's databases: an unknown name is a
+/// configuration error, found by `mxlb check-config` before any start.
+fn run_as(
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+) -> Validated<Option<RunAs>> {
+    let Some(user) = user else {
+        return match group {
+            Some(group) => invalid(group.span(), "group needs user: it is the user's group"),
+            None => Ok(None),
+        };
+    };
+    let group_name = group.as_ref().map(|group| group.get_ref().as_str());
+    match RunAs::lookup(user.get_ref(), group_name) {
+        Ok(run_as) => Ok(Some(run_as)),
+        Err(error) => {
+            let span = match &group {
+                Some(group) if error.key() == "group" => group.span(),
+                _ => user.span(),
+            };
+            invalid(span, error.to_string())
+        }
     }
 }
 
@@ -514,6 +552,8 @@ impl RawGlobal {
 struct RawStats {
     bind: SocketAddress,
     admin_token: Option<Spanned<String>>,
+    maxconn: Option<Spanned<u32>>,
+    timeout: Option<Spanned<HumanDuration>>,
 }
 
 impl RawStats {
@@ -526,9 +566,13 @@ impl RawStats {
             }
             token => token.map(Spanned::into_inner),
         };
+        let defaults = crate::stats::Limits::default();
         Ok(Stats {
             bind: self.bind.0,
             admin_token,
+            // At most 1024: the port's descriptors come out of the daemon's reserve.
+            maxconn: bounded(self.maxconn, defaults.maxconn, 1..=1024, "stats.maxconn")?,
+            timeout: nonzero(self.timeout, defaults.timeout, "stats.timeout")?,
         })
     }
 }
@@ -1072,10 +1116,13 @@ addr = "127.0.0.1:10025"
                 max_inflight: 4 << 20,
                 kernel_relay_after: 32 << 10,
                 threads: 0,
+                user: None,
             },
             stats: Some(Stats {
                 bind: addr("127.0.0.1:8404"),
                 admin_token: Some("s3cret".to_owned()),
+                maxconn: 64,
+                timeout: Duration::from_secs(5),
             }),
             listeners: vec![Listener {
                 name: "smtp".to_owned(),
@@ -1539,6 +1586,30 @@ addr = "127.0.0.1:10025"
             &format!("[stats]\nbind = \"127.0.0.1:8404\"\nadmin_token = \"\"\n{MINIMAL}"),
             "mxlb.toml:3:15:",
             "admin_token",
+        );
+    }
+
+    #[test]
+    fn stats_limits() {
+        let stats = |keys: &str| format!("[stats]\nbind = \"127.0.0.1:8404\"\n{keys}{MINIMAL}");
+        let config = parse(&stats("maxconn = 8\ntimeout = \"1500ms\"\n")).unwrap();
+        let limits = config.stats.unwrap();
+        assert_eq!(
+            (limits.maxconn, limits.timeout),
+            (8, Duration::from_millis(1500))
+        );
+        let defaults = parse(&stats("")).unwrap().stats.unwrap();
+        assert_eq!((defaults.maxconn, defaults.timeout), (64, Duration::from_secs(5)));
+        assert_error(
+            &stats("maxconn = 0\n"),
+            "mxlb.toml:3:11:",
+            "stats.maxconn must be between 1 and 1024, not 0",
+        );
+        assert_error(&stats("maxconn = 5000\n"), "mxlb.toml:3:11:", "1024");
+        assert_error(
+            &stats("timeout = \"0s\"\n"),
+            "mxlb.toml:3:11:",
+            "stats.timeout must be longer than zero",
         );
     }
 

@@ -28,6 +28,7 @@ pub mod listeners;
 pub mod logging;
 pub mod notify;
 pub mod pool;
+pub mod privilege;
 pub mod proxy_header;
 pub mod relay;
 pub mod reload;

@@ -4,19 +4,31 @@
 //! verdict-only mode (`mxlb_peers` stays program-free), pins the program and the maps under
 //! `global.pin_path` (so operators can inspect them with bpftool) and removes the pins again
 //! when dropped.
+//!
+//! Modes: the pin directory is the daemon's own, mode 0700 (root's, or `global.user`'s once
+//! the daemon dropped its privileges, so that it can still remove its pins at exit); the pins
+//! are root's, mode 0600. Opening a pin gives full access to the map or program, so no other
+//! local user may reach them; root (bpftool) can. The daemon keeps a descriptor of the
+//! directory and removes its pins through it, so it needs no access to the directories
+//! above (systemd mounts /sys/fs/bpf with mode 0700).
 
-use std::os::unix::fs::MetadataExt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
-use aya::maps::{HashMap, MapData, RingBuf, SockHash};
+use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use balancer_common::{
     CONTROL_MAP, Control, EVENT_STEP_GLOBAL, EVENTS_MAP, PEERS_MAP, SOCKS_MAP, TRAFFIC_MAP,
     Traffic, VERDICT_PROGRAM,
 };
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid, UnlinkatFlags};
 use tracing::{debug, info, warn};
 
 use super::watch::Watcher;
@@ -48,6 +60,8 @@ pub struct KernelRelay {
     pub(super) fault_pairing_delay: Option<std::time::Duration>,
     pins: Vec<Pin>,
     pin_dir: PathBuf,
+    /// The pin directory, opened at load: pins are removed through it.
+    pin_dir_fd: OwnedFd,
     /// Keeps the program loaded and attached: dropping `Ebpf` detaches it.
     _ebpf: Ebpf,
 }
@@ -61,7 +75,7 @@ impl KernelRelay {
         max_inflight: u64,
         relay_after: u64,
     ) -> anyhow::Result<KernelRelay> {
-        ensure_bpffs(pin_dir)?;
+        let pin_dir_fd = ensure_bpffs(pin_dir)?;
         let max_sockets = max_connections.saturating_mul(2).max(2);
         // aya-log-ebpf checks this level before formatting anything: 0 turns the program's
         // diagnostics off entirely unless the daemon logs mxlb::ebpf at debug level.
@@ -89,14 +103,14 @@ impl KernelRelay {
         }
 
         let mut pins = Vec::new();
-        let mut take = |name: &str| -> anyhow::Result<aya::maps::Map> {
+        let mut take = |name: &'static str| -> anyhow::Result<aya::maps::Map> {
             let map = ebpf
                 .take_map(name)
                 .with_context(|| format!("map {name} missing from the eBPF object"))?;
             let path = pin_dir.join(name);
             map.pin(&path)
                 .with_context(|| format!("pinning {}", path.display()))?;
-            pins.push(Pin::taken(path));
+            pins.push(Pin::taken(&pin_dir_fd, name, path)?);
             Ok(map)
         };
         let socks: SockHash<MapData, u64> = take(SOCKS_MAP)?.try_into()?;
@@ -120,7 +134,7 @@ impl KernelRelay {
         program
             .pin(&program_pin)
             .with_context(|| format!("pinning {}", program_pin.display()))?;
-        pins.push(Pin::taken(program_pin));
+        pins.push(Pin::taken(&pin_dir_fd, VERDICT_PROGRAM, program_pin)?);
 
         info!(pin_dir = %pin_dir.display(), max_sockets, "kernel relay loaded: {VERDICT_PROGRAM} attached to {SOCKS_MAP}");
         let watcher = Watcher::start(events).context("creating the relay's epoll instance")?;
@@ -149,55 +163,93 @@ impl KernelRelay {
             peers: Mutex::new(peers),
             pins,
             pin_dir: pin_dir.to_owned(),
+            pin_dir_fd,
             _ebpf: ebpf,
         })
+    }
+
+    /// Makes `uid`:`gid` the owner of the pin directory (mode 0700), so that the daemon can
+    /// remove its pins at exit after it dropped root ([`crate::privilege`]). The pins stay
+    /// root's, mode 0600: the new user can remove them but not open them.
+    pub fn give_pin_dir_to(&self, uid: Uid, gid: Gid) -> anyhow::Result<()> {
+        nix::unistd::fchown(&self.pin_dir_fd, Some(uid), Some(gid))
+            .with_context(|| format!("chown {uid}:{gid} {}", self.pin_dir.display()))
+    }
+
+    /// Whether this process may still update, read and delete map entries: writes and
+    /// removes a `mxlb_control` entry for cookie 0, which no socket has. The kernel error
+    /// (EPERM: the map commands need `CAP_BPF` on this kernel) is passed on.
+    pub fn probe_map_access(&self) -> io::Result<()> {
+        let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let syscall = |error: MapError| match error {
+            MapError::SyscallError(error) => error.io_error,
+            other => io::Error::other(other),
+        };
+        control.insert(0, Control::default(), 0).map_err(syscall)?;
+        control.get(&0, 0).map_err(syscall)?;
+        control.remove(&0).map_err(syscall)
     }
 }
 
 /// A pin this daemon made, and which file it was: a daemon started while this one drains
 /// (a restart by hand) replaces the pins with its own, and this one must then leave them.
 struct Pin {
+    /// The name in the pin directory.
+    name: &'static str,
+    /// The whole path, for messages.
     path: PathBuf,
-    /// The pin's inode on bpffs; `None` if it could not be read (then it is removed).
-    inode: Option<u64>,
+    /// The pin's inode on bpffs.
+    inode: u64,
 }
 
 impl Pin {
-    fn taken(path: PathBuf) -> Pin {
-        let inode = std::fs::metadata(&path).ok().map(|m| m.ino());
-        Pin { path, inode }
+    /// Records the pin just made at `path` (`name` in `dir`) and makes it root's alone
+    /// (0600, whatever the umask).
+    fn taken(dir: &OwnedFd, name: &'static str, path: PathBuf) -> anyhow::Result<Pin> {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", path.display()))?;
+        let inode = nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .with_context(|| format!("stat {}", path.display()))?
+            .st_ino;
+        Ok(Pin { name, path, inode })
     }
 
-    /// Whether the file at the path is still the one this daemon pinned.
-    fn still_ours(&self) -> bool {
-        match (self.inode, std::fs::metadata(&self.path)) {
-            (Some(inode), Ok(now)) => now.ino() == inode,
-            (None, Ok(_)) => true,
-            (_, Err(_)) => false,
-        }
+    /// Whether the file at the name is still the one this daemon pinned. A newer daemon
+    /// that replaced the pins also took the directory back (root's, 0700): then this one
+    /// cannot even look, and leaves it alone.
+    fn still_ours(&self, dir: &OwnedFd) -> bool {
+        nix::sys::stat::fstatat(dir, self.name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|now| now.st_ino == self.inode)
     }
 }
 
 impl Drop for KernelRelay {
     fn drop(&mut self) {
         for pin in &self.pins {
-            if !pin.still_ours() {
+            if !pin.still_ours(&self.pin_dir_fd) {
                 debug!(pin = %pin.path.display(), "pin replaced by a newer daemon; left alone");
                 continue;
             }
-            if let Err(error) = std::fs::remove_file(&pin.path) {
+            if let Err(error) =
+                nix::unistd::unlinkat(&self.pin_dir_fd, pin.name, UnlinkatFlags::NoRemoveDir)
+            {
                 warn!(pin = %pin.path.display(), %error, "could not remove pin");
             }
         }
-        // Only removes the directory when nothing else was pinned there.
-        let _ = std::fs::remove_dir(&self.pin_dir);
+        // Only removes the directory when nothing else was pinned there, and only where
+        // the daemon may: without root, a parent such as a 0700 /sys/fs/bpf keeps the
+        // empty directory (it holds nothing; the next start reuses it).
+        if let Err(error) = std::fs::remove_dir(&self.pin_dir) {
+            debug!(pin_dir = %self.pin_dir.display(), %error, "pin directory left");
+        }
         debug!(pin_dir = %self.pin_dir.display(), "kernel relay unpinned");
     }
 }
 
 /// Makes sure `pin_dir` exists on a mounted bpf filesystem, mounting /sys/fs/bpf if needed,
-/// and clears pins a crashed earlier run left behind.
-fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+/// makes it root's with mode 0700 (whoever made it), clears pins a crashed earlier run left
+/// behind, and returns it opened.
+fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<OwnedFd> {
     const BPFFS: &str = "/sys/fs/bpf";
     if pin_dir.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
         info!("mounting the bpf filesystem on {BPFFS}");
@@ -210,11 +262,25 @@ fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
         )
         .with_context(|| format!("mounting bpffs on {BPFFS}"))?;
     }
-    std::fs::create_dir_all(pin_dir)
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(pin_dir)
         .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
     if !is_bpffs(pin_dir) {
         bail!("{} is not on a bpf filesystem", pin_dir.display());
     }
+    // Not through a symbolic link: the directory is about to be chowned and written.
+    let dir = nix::fcntl::open(
+        pin_dir,
+        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening pin directory {}", pin_dir.display()))?;
+    // A directory an earlier daemon handed to its user, or one someone else made first,
+    // is taken back before anything is pinned in it.
+    nix::unistd::fchown(&dir, Some(Uid::from_raw(0)), Some(Gid::from_raw(0)))
+        .with_context(|| format!("chown root {}", pin_dir.display()))?;
+    nix::sys::stat::fchmod(&dir, Mode::S_IRWXU)
+        .with_context(|| format!("chmod 0700 {}", pin_dir.display()))?;
     for name in [
         VERDICT_PROGRAM,
         SOCKS_MAP,
@@ -224,13 +290,13 @@ fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
         EVENTS_MAP,
     ] {
         let stale = pin_dir.join(name);
-        if stale.exists() {
+        if nix::sys::stat::fstatat(&dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
             warn!(pin = %stale.display(), "removing a pin left by an earlier run");
-            std::fs::remove_file(&stale)
+            nix::unistd::unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir)
                 .with_context(|| format!("removing stale pin {}", stale.display()))?;
         }
     }
-    Ok(())
+    Ok(dir)
 }
 
 fn is_bpffs(path: &Path) -> bool {
