@@ -52,6 +52,7 @@ pub fn run() -> Result<()> {
     system_postfix()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    cargo_tool(&CARGO_DENY)?;
     bpffs()?;
     println!("✓ setup complete ({:.1} s)", start.elapsed().as_secs_f64());
     Ok(())
@@ -368,6 +369,81 @@ fn bpf_linker() -> Result<()> {
         }
     })()
     .map_err(step_failed("bpf-linker", &by_hand))
+}
+
+// --- cargo subcommands from crates.io (cargo-deny, cargo-fuzz) ------------------------------
+
+/// A `cargo <subcommand>` installed with `cargo install`, at a pinned version.
+pub struct CargoTool {
+    /// The crate, which is also the binary's name (`cargo-deny`).
+    pub krate: &'static str,
+    /// The version installed; `cargo <subcommand> --version` must print it.
+    pub version: &'static str,
+}
+
+/// License, ban and source checks of the dependency graph (deny.toml).
+pub const CARGO_DENY: CargoTool = CargoTool {
+    krate: "cargo-deny",
+    version: "0.20.2",
+};
+
+impl CargoTool {
+    fn subcommand(&self) -> &'static str {
+        self.krate.trim_start_matches("cargo-")
+    }
+
+    /// What `cargo <subcommand> --version` prints, if it runs.
+    fn installed_version(&self) -> Option<String> {
+        let out = cmd::output(cmd::cargo_at_root().args([self.subcommand(), "--version"])).ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+/// Installs `tool` unless its pinned version is already there (`--locked`: the versions
+/// its authors tested, so a new release of one of its dependencies cannot break CI).
+pub fn cargo_tool(tool: &CargoTool) -> Result<()> {
+    let found = tool.installed_version();
+    if let Some(version) = &found
+        && version.split_whitespace().any(|word| word == tool.version)
+    {
+        println!("✓ {version}");
+        return Ok(());
+    }
+    let by_hand = format!(
+        "cargo install {} --version {} --locked --force",
+        tool.krate, tool.version
+    );
+    println!(
+        "→ installing {} {} (found {}; takes a few minutes) …",
+        tool.krate,
+        tool.version,
+        found.as_deref().unwrap_or("none")
+    );
+    let mut install = Command::new("cargo");
+    cmd::clear_outer_cargo_env(&mut install)
+        .current_dir(cmd::workspace_root())
+        .args([
+            "install",
+            tool.krate,
+            "--version",
+            tool.version,
+            "--locked",
+            "--force",
+        ]);
+    cmd::run(&mut install).map_err(step_failed(tool.krate, &by_hand))?;
+    match tool.installed_version() {
+        Some(version) => {
+            println!("✓ {version}");
+            Ok(())
+        }
+        None => bail!(
+            "{} installed, but `cargo {} --version` does not run",
+            tool.krate,
+            tool.subcommand()
+        ),
+    }
 }
 
 // --- 4. bpffs at /sys/fs/bpf (where the daemon pins maps and programs) ---------------------

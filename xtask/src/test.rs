@@ -20,6 +20,10 @@ pub fn run(args: &[String]) -> Result<()> {
         "balancer-ebpf/Cargo.toml",
     ]))?;
 
+    // Licenses, banned and duplicate crates, sources (deny.toml). The advisory check needs
+    // the RustSec database from GitHub, which CI cannot reach: docs/security.md.
+    cmd::run(cmd::cargo_at_root().args(["deny", "check", "bans", "licenses", "sources"]))?;
+
     cmd::run(cmd::workspace_cargo().args([
         "clippy",
         "--workspace",
