@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 pub mod backend;
+pub mod chaos;
 pub mod delivery;
 pub mod haproxy;
 pub mod mxlb;
