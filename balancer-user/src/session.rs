@@ -193,7 +193,11 @@ impl Frontend {
                 ))
                 .await
             }
-            Err(error) => Err(error),
+            // The client reset before its header was written (a socket that was reset
+            // has no peer address left to put in it): a client reset, not a failure of
+            // ours. Nothing was relayed; the server gets an orderly close.
+            Err(HeaderError::ClientGone) => Ok(Termination::ClientReset),
+            Err(HeaderError::Io(error)) => Err(error),
         };
         let ended = outcome.unwrap_or_else(|error| {
             warn!(client = %client_addr, server = %server.name, %error, "relay failed");
@@ -293,19 +297,37 @@ impl Frontend {
         claimed: ProxyHeader,
         upstream: &mut TcpStream,
         server: &Server,
-    ) -> io::Result<()> {
+    ) -> Result<(), HeaderError> {
         let Some(version) = server.send_proxy.version() else {
             return Ok(());
         };
         let endpoints = match claimed {
             ProxyHeader::Proxy { .. } => claimed,
             ProxyHeader::Local => ProxyHeader::Proxy {
-                source: client.peer_addr()?,
-                destination: client.local_addr()?,
+                source: client.peer_addr().map_err(HeaderError::from_client)?,
+                destination: client.local_addr().map_err(HeaderError::from_client)?,
             },
         };
         let header = proxy_header::encode(version, &endpoints);
-        upstream.write_all(&header).await
+        upstream.write_all(&header).await.map_err(HeaderError::Io)
+    }
+}
+
+/// Why the PROXY header was not written.
+enum HeaderError {
+    /// The client's socket has no peer any more: it was reset (found by the chaos tests,
+    /// where an RST storm logged every such client as a relay failure).
+    ClientGone,
+    Io(io::Error),
+}
+
+impl HeaderError {
+    fn from_client(error: io::Error) -> HeaderError {
+        if error.raw_os_error() == Some(libc::ENOTCONN) {
+            HeaderError::ClientGone
+        } else {
+            HeaderError::Io(error)
+        }
     }
 }
 
