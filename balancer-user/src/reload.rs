@@ -134,6 +134,8 @@ pub fn restart_only_changes(running: &Global, next: &Global) -> Vec<&'static str
         running.max_inflight != next.max_inflight,
     );
     check("global.threads", running.threads != next.threads);
+    // Root, once given up, cannot be had back.
+    check("global.user", running.user != next.user);
     changed
 }
 

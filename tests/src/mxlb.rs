@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -104,6 +105,34 @@ pub fn with_stats(config: &str, bind: SocketAddr, admin_token: Option<&str>) -> 
     config.replacen("[[listen]]", &format!("{stats}\n[[listen]]"), 1)
 }
 
+/// The environment variable that makes every daemon a test starts drop root for the user it
+/// names (`[global] user`): the relay tests run with `MXLB_TEST_USER=nobody` show that the
+/// unprivileged daemon relays as the root one does.
+pub const TEST_USER_ENV: &str = "MXLB_TEST_USER";
+
+/// `config_text` with `user = "$MXLB_TEST_USER"` in its `[global]` section, when that
+/// variable is set and the configuration does not name a user itself.
+pub fn with_test_user(config_text: &str) -> String {
+    let Some(user) = std::env::var(TEST_USER_ENV)
+        .ok()
+        .filter(|user| !user.is_empty())
+    else {
+        return config_text.to_owned();
+    };
+    let Some(start) = config_text.find("[global]\n") else {
+        return format!("[global]\nuser = \"{user}\"\n\n{config_text}");
+    };
+    let global = &config_text[start + "[global]\n".len()..];
+    let global = &global[..global.find("\n[").unwrap_or(global.len())];
+    if global
+        .lines()
+        .any(|line| line.trim_start().starts_with("user "))
+    {
+        return config_text.to_owned();
+    }
+    with_global_keys(config_text, &format!("user = \"{user}\"\n"))
+}
+
 /// The daemon's "ready" line, in the text or the JSON log format.
 fn is_ready_line(line: &str) -> bool {
     line.contains(": ready pid=") || line.contains(r#""message":"ready""#)
@@ -171,8 +200,11 @@ impl Mxlb {
         env: &[(&str, &str)],
     ) -> anyhow::Result<Mxlb> {
         let dir = tempfile::tempdir()?;
+        // Readable by a daemon that dropped root (`[global] user`): it reads the file again
+        // at each reload.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let config_path = dir.path().join("mxlb.toml");
-        std::fs::write(&config_path, config_text)?;
+        std::fs::write(&config_path, with_test_user(config_text))?;
         let mut child = Command::new(binary())
             .arg("run")
             .arg("--config")
@@ -261,6 +293,11 @@ impl Mxlb {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The daemon's configuration file (what [`Mxlb::reload`] writes).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("mxlb.toml")
     }
 
     /// The daemon's own CPU time (user + system) so far.
@@ -366,7 +403,10 @@ impl Mxlb {
     pub fn reload(&self, config_text: &str) -> anyhow::Result<String> {
         const VERDICTS: [&str; 2] = ["configuration reloaded", "reload failed"];
         let before: usize = VERDICTS.iter().map(|v| self.log_lines(v).len()).sum();
-        std::fs::write(self._dir.path().join("mxlb.toml"), config_text)?;
+        std::fs::write(
+            self._dir.path().join("mxlb.toml"),
+            with_test_user(config_text),
+        )?;
         self.signal(libc::SIGHUP);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
