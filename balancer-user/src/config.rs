@@ -146,6 +146,11 @@ pub struct Stats {
     pub bind: SocketAddr,
     /// Bearer token for the admin endpoints; `None` turns them off.
     pub admin_token: Option<String>,
+    /// Connections the stats port serves at once; past it they get a 503 and are closed.
+    pub maxconn: u32,
+    /// A request's deadline, from the connection's start or the previous request: slow
+    /// and idle clients are closed there.
+    pub timeout: Duration,
 }
 
 /// One `[[listen]]` section: addresses to accept on and the servers behind them.
@@ -547,6 +552,8 @@ fn run_as(
 struct RawStats {
     bind: SocketAddress,
     admin_token: Option<Spanned<String>>,
+    maxconn: Option<Spanned<u32>>,
+    timeout: Option<Spanned<HumanDuration>>,
 }
 
 impl RawStats {
@@ -559,9 +566,13 @@ impl RawStats {
             }
             token => token.map(Spanned::into_inner),
         };
+        let defaults = crate::stats::Limits::default();
         Ok(Stats {
             bind: self.bind.0,
             admin_token,
+            // At most 1024: the port's descriptors come out of the daemon's reserve.
+            maxconn: bounded(self.maxconn, defaults.maxconn, 1..=1024, "stats.maxconn")?,
+            timeout: nonzero(self.timeout, defaults.timeout, "stats.timeout")?,
         })
     }
 }
@@ -1110,6 +1121,8 @@ addr = "127.0.0.1:10025"
             stats: Some(Stats {
                 bind: addr("127.0.0.1:8404"),
                 admin_token: Some("s3cret".to_owned()),
+                maxconn: 64,
+                timeout: Duration::from_secs(5),
             }),
             listeners: vec![Listener {
                 name: "smtp".to_owned(),
@@ -1573,6 +1586,30 @@ addr = "127.0.0.1:10025"
             &format!("[stats]\nbind = \"127.0.0.1:8404\"\nadmin_token = \"\"\n{MINIMAL}"),
             "mxlb.toml:3:15:",
             "admin_token",
+        );
+    }
+
+    #[test]
+    fn stats_limits() {
+        let stats = |keys: &str| format!("[stats]\nbind = \"127.0.0.1:8404\"\n{keys}{MINIMAL}");
+        let config = parse(&stats("maxconn = 8\ntimeout = \"1500ms\"\n")).unwrap();
+        let limits = config.stats.unwrap();
+        assert_eq!(
+            (limits.maxconn, limits.timeout),
+            (8, Duration::from_millis(1500))
+        );
+        let defaults = parse(&stats("")).unwrap().stats.unwrap();
+        assert_eq!((defaults.maxconn, defaults.timeout), (64, Duration::from_secs(5)));
+        assert_error(
+            &stats("maxconn = 0\n"),
+            "mxlb.toml:3:11:",
+            "stats.maxconn must be between 1 and 1024, not 0",
+        );
+        assert_error(&stats("maxconn = 5000\n"), "mxlb.toml:3:11:", "1024");
+        assert_error(
+            &stats("timeout = \"0s\"\n"),
+            "mxlb.toml:3:11:",
+            "stats.timeout must be longer than zero",
         );
     }
 

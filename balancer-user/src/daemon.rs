@@ -64,11 +64,22 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         let socket = tokio::net::TcpListener::bind(stats.bind)
             .await
             .with_context(|| format!("stats: binding {}", stats.bind))?;
-        info!(addr = %stats.bind, admin = stats.admin_token.is_some(), "stats listening");
-        let router = crate::stats::http::router(source, stats.admin_token.clone());
+        let limits = crate::stats::Limits {
+            maxconn: stats.maxconn,
+            timeout: stats.timeout,
+        };
+        info!(
+            addr = %stats.bind,
+            admin = stats.admin_token.is_some(),
+            maxconn = limits.maxconn,
+            timeout = %humantime::format_duration(limits.timeout),
+            "stats listening"
+        );
+        let counters = Arc::new(crate::stats::PortCounters::new(limits));
+        let router = crate::stats::router(source, stats.admin_token.clone(), counters.clone());
         let stop = stop.clone();
         tokio::spawn(async move {
-            if let Err(error) = crate::stats::http::serve(socket, router, stop).await {
+            if let Err(error) = crate::stats::serve(socket, router, limits, counters, stop).await {
                 error!(%error, "stats server failed");
             }
         });
@@ -188,7 +199,8 @@ impl Signals {
     }
 }
 
-/// The daemon's answer to the stats server: a fresh snapshot per request.
+/// The daemon's answer to the stats server: a fresh snapshot each time it is asked
+/// (the stats server shares it between requests, see [`crate::stats::cache`]).
 struct DaemonStats {
     started: Instant,
     relay: Relay,

@@ -1,4 +1,5 @@
-//! The stats listener's HTTP side: routes, admin authentication, serving until stopped.
+//! The stats listener's HTTP side: routes and admin authentication ([`super::server`]
+//! serves them within the port's limits).
 //!
 //! | request | answer |
 //! |---|---|
@@ -7,36 +8,32 @@
 //! | `GET /metrics` | OpenMetrics text ([`super::prometheus`]) |
 //! | `POST /api/servers/{listen}/{server}/state` | admin: `{"state":"ready"\|"drain"\|"maint"}` |
 //!
-//! Every request takes a fresh snapshot from the [`StatsSource`]: building one is cheap,
-//! and a cache would only make the page lag behind the logs. Errors are JSON
-//! `{"error": "..."}` so scripts driving the admin API can show them as they are.
+//! The GET routes answer from the shared snapshot ([`super::cache`]): fresh at a human or
+//! scraper pace, at most 200 ms old under a flood, and each rendering made once per
+//! snapshot. An admin change invalidates it, so its answer shows the state just set.
+//! Errors are JSON `{"error": "..."}` so scripts driving the admin API can show them as
+//! they are.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
+use super::cache::SnapshotCache;
 use super::model::{AdminError, AdminState, ServerStats, StatsSource};
-use super::{html, prometheus};
+use super::prometheus;
+use super::server::PortCounters;
 
 /// The largest request body read: an admin request is a few dozen bytes, and nothing else
 /// takes a body.
-const BODY_LIMIT: usize = 4 * 1024;
-
-/// How long [`serve`] waits, once stopped, for open requests to finish. Past it the
-/// daemon's shutdown is not held hostage by a stalled HTTP client.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+pub const BODY_LIMIT: usize = 4 * 1024;
 
 /// Why a refused admin request was refused when there is no token to check against.
 const ADMIN_DISABLED: &str = "admin API disabled (no [stats] admin_token)";
@@ -44,15 +41,20 @@ const ADMIN_DISABLED: &str = "admin API disabled (no [stats] admin_token)";
 /// What every handler shares.
 #[derive(Clone)]
 struct App {
-    source: Arc<dyn StatsSource>,
+    cache: Arc<SnapshotCache>,
     /// `None`: the admin API is off and every admin request gets 403.
     admin_token: Option<Arc<str>>,
 }
 
-/// The stats routes over `source`; `admin_token` enables the admin API.
-pub fn router(source: Arc<dyn StatsSource>, admin_token: Option<String>) -> Router {
+/// The stats routes over `source`; `admin_token` enables the admin API; `/metrics` shows
+/// the port's own `counters` too.
+pub fn router(
+    source: Arc<dyn StatsSource>,
+    admin_token: Option<String>,
+    counters: Arc<PortCounters>,
+) -> Router {
     let app = App {
-        source,
+        cache: Arc::new(SnapshotCache::new(source, counters)),
         admin_token: admin_token.map(Arc::from),
     };
     Router::new()
@@ -65,44 +67,25 @@ pub fn router(source: Arc<dyn StatsSource>, admin_token: Option<String>) -> Rout
         .with_state(app)
 }
 
-/// Serves `router` on `listener` until `stop` is cancelled, then stops accepting, lets
-/// requests in flight finish (idle keep-alive connections are closed) and returns; after
-/// [`SHUTDOWN_GRACE`] it returns anyway.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    let service = router.into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, service)
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .into_future();
-    let grace_over = async {
-        stop.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::select! {
-        result = server => result,
-        () = grace_over => {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "stats: requests still open at shutdown, leaving them");
-            Ok(())
-        }
-    }
-}
-
 /// Tells browsers and proxies that every answer is a moment's truth.
 const NO_STORE: (header::HeaderName, &str) = (header::CACHE_CONTROL, "no-store");
 
+/// The `Content-Type`s axum's `Html` and `Json` would set.
+const HTML: &str = "text/html; charset=utf-8";
+const JSON: &str = "application/json";
+
 async fn page(State(app): State<App>) -> Response {
-    ([NO_STORE], Html(html::render(&app.source.snapshot()))).into_response()
+    let body = app.cache.get().html();
+    ([NO_STORE, (header::CONTENT_TYPE, HTML)], body).into_response()
 }
 
 async fn api_stats(State(app): State<App>) -> Response {
-    ([NO_STORE], Json(app.source.snapshot())).into_response()
+    let body = app.cache.get().json();
+    ([NO_STORE, (header::CONTENT_TYPE, JSON)], body).into_response()
 }
 
 async fn metrics(State(app): State<App>) -> Response {
-    let body = prometheus::render(&app.source.snapshot());
+    let body = app.cache.get().metrics();
     (
         [NO_STORE, (header::CONTENT_TYPE, prometheus::CONTENT_TYPE)],
         body,
@@ -150,11 +133,14 @@ async fn set_state(
         Ok(state) => state,
         Err((status, message)) => return error(status, &message),
     };
-    if let Err(e) = app.source.set_state(&listener, &server, state) {
+    let changed = app.cache.source().set_state(&listener, &server, state);
+    // Even a refused change drops the shared snapshot: the admin's next look is fresh.
+    app.cache.invalidate();
+    if let Err(e) = changed {
         return admin_error(&e);
     }
     tracing::info!(%peer, %listener, %server, state = state.as_str(), "stats: admin set server state");
-    match find_server(app.source.as_ref(), &listener, &server) {
+    match find_server(&app.cache, &listener, &server) {
         Some(stats) => Json(stats).into_response(),
         // A reload replaced the server between the change and the snapshot.
         None => error(
@@ -181,15 +167,18 @@ fn admin_error(e: &AdminError) -> Response {
     }
 }
 
-fn find_server(source: &dyn StatsSource, listener: &str, server: &str) -> Option<ServerStats> {
-    source
-        .snapshot()
+/// The server as the snapshot after the change shows it.
+fn find_server(cache: &SnapshotCache, listener: &str, server: &str) -> Option<ServerStats> {
+    cache
+        .get()
+        .snapshot
         .listeners
-        .into_iter()
+        .iter()
         .find(|l| l.name == listener)?
         .servers
-        .into_iter()
+        .iter()
         .find(|s| s.name == server)
+        .cloned()
 }
 
 /// An admin request turned away before it could change anything.
@@ -260,13 +249,17 @@ fn error(status: StatusCode, message: &str) -> Response {
 mod tests {
     use std::sync::Mutex;
 
+    use std::time::Duration;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::task::JoinHandle;
+    use tokio_util::sync::CancellationToken;
 
     use super::*;
     use crate::stats::model::StatsSnapshot;
     use crate::stats::prometheus::tests::sample;
+    use crate::stats::server::{Limits, MAX_HEADER_SIZE, MAX_HEADERS, serve};
 
     type Call = (String, String, AdminState);
 
@@ -329,15 +322,26 @@ mod tests {
         addr: SocketAddr,
         stop: CancellationToken,
         task: JoinHandle<std::io::Result<()>>,
+        counters: Arc<PortCounters>,
     }
 
     async fn start(source: Arc<Fake>, token: Option<&str>) -> Server {
+        start_with(source, token, Limits::default()).await
+    }
+
+    async fn start_with(source: Arc<Fake>, token: Option<&str>, limits: Limits) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let app = router(source, token.map(str::to_owned));
-        let task = tokio::spawn(serve(listener, app, stop.clone()));
-        Server { addr, stop, task }
+        let counters = Arc::new(PortCounters::new(limits));
+        let app = router(source, token.map(str::to_owned), counters.clone());
+        let task = tokio::spawn(serve(listener, app, limits, counters.clone(), stop.clone()));
+        Server {
+            addr,
+            stop,
+            task,
+            counters,
+        }
     }
 
     struct Reply {
@@ -614,6 +618,254 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(result.is_ok());
+    }
+
+    /// Short enough that the timeout tests are quick, long enough for any request here.
+    const SHORT: Duration = Duration::from_millis(400);
+
+    /// The bound for anything that must end: far past every limit, short of a hang.
+    const HANG: Duration = Duration::from_secs(20);
+
+    /// Reads one response off a kept-alive connection (head, then Content-Length bytes).
+    async fn read_response(stream: &mut TcpStream) -> Reply {
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        while !raw.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "closed mid-head");
+            raw.push(byte[0]);
+        }
+        let head = String::from_utf8(raw).unwrap();
+        let mut reply = parse_reply(&head);
+        let length: usize = reply.header("content-length").unwrap().parse().unwrap();
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).await.unwrap();
+        reply.body = String::from_utf8(body).unwrap();
+        reply
+    }
+
+    /// A connection with one keep-alive `GET /api/stats` answered: it surely holds a place.
+    async fn served_connection(addr: SocketAddr) -> TcpStream {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /api/stats HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut stream).await.status, 200);
+        stream
+    }
+
+    /// Everything the server sends until it closes the connection (a reset counts as a
+    /// close); panics if it is still open after [`HANG`].
+    async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+        let mut raw = Vec::new();
+        let mut buffer = [0u8; 4096];
+        tokio::time::timeout(HANG, async {
+            loop {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => raw.extend_from_slice(&buffer[..n]),
+                }
+            }
+        })
+        .await
+        .expect("the server closed the connection");
+        raw
+    }
+
+    fn timeouts(limit: Duration) -> Limits {
+        Limits {
+            timeout: limit,
+            ..Limits::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn slowloris_is_closed_at_the_timeout() {
+        let server = start_with(Fake::new(), None, timeouts(SHORT)).await;
+        let stream = TcpStream::connect(server.addr).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        // A header byte every 50 ms, for as long as the server listens: activity alone
+        // does not keep a connection.
+        let dribble = tokio::spawn(async move {
+            let request = b"GET / HTTP/1.1\r\nHost: test\r\nX-Slow: "
+                .iter()
+                .chain(std::iter::repeat(&b'a'));
+            for byte in request {
+                if writer.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let mut raw = Vec::new();
+        tokio::time::timeout(HANG, reader.read_to_end(&mut raw))
+            .await
+            .expect("the slow client was closed")
+            .ok();
+        assert!(raw.is_empty(), "no answer to a request never finished");
+        tokio::time::timeout(HANG, dribble).await.unwrap().unwrap();
+        assert_eq!(server.counters.stats().timed_out, 1);
+        assert_eq!(server.counters.stats().connections_cur, 0);
+    }
+
+    #[tokio::test]
+    async fn idle_and_slow_body_connections_are_closed_at_the_timeout() {
+        let fake = Fake::new();
+        let server = start_with(fake.clone(), Some(TOKEN), timeouts(SHORT)).await;
+        // Says nothing at all.
+        let mut idle = TcpStream::connect(server.addr).await.unwrap();
+        // A kept-alive connection after its answer.
+        let mut kept = served_connection(server.addr).await;
+        // Headers in time, then a body that never comes.
+        let mut slow_body = TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "POST {STATE_PATH} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Length: 17\r\n\r\n{{\"state\""
+        );
+        slow_body.write_all(head.as_bytes()).await.unwrap();
+        for stream in [&mut idle, &mut kept, &mut slow_body] {
+            assert!(read_until_closed(stream).await.is_empty());
+        }
+        assert!(fake.calls().is_empty());
+        let stats = server.counters.stats();
+        assert_eq!(
+            (stats.timed_out, stats.connections_cur),
+            (3, 0),
+            "{stats:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_request_moves_the_deadline() {
+        let server = start_with(Fake::new(), None, timeouts(SHORT)).await;
+        let mut stream = served_connection(server.addr).await;
+        // Requests spaced at half the timeout: together far longer than one timeout.
+        for _ in 0..6 {
+            tokio::time::sleep(SHORT / 2).await;
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+                .await
+                .unwrap();
+            assert_eq!(read_response(&mut stream).await.status, 200);
+        }
+        assert_eq!(server.counters.stats().timed_out, 0);
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_refused() {
+        let limits = Limits {
+            maxconn: 3,
+            ..Limits::default()
+        };
+        let server = start_with(Fake::new(), None, limits).await;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(served_connection(server.addr).await);
+        }
+        for _ in 0..5 {
+            let mut extra = TcpStream::connect(server.addr).await.unwrap();
+            let raw = read_until_closed(&mut extra).await;
+            let reply = parse_reply(&String::from_utf8(raw).unwrap());
+            assert_eq!(reply.status, 503);
+            assert_eq!(reply.error(), "too many connections to the stats port");
+        }
+        let stats = server.counters.stats();
+        assert_eq!(
+            (
+                stats.connections_cur,
+                stats.connections_total,
+                stats.refused
+            ),
+            (3, 3, 5),
+            "{stats:?}"
+        );
+        // A place given back is a place for the next client; the held ones still work.
+        drop(held.pop());
+        let reply = tokio::time::timeout(HANG, async {
+            loop {
+                let mut stream = TcpStream::connect(server.addr).await.unwrap();
+                stream
+                    .write_all(
+                        b"GET /api/stats HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+                    )
+                    .await
+                    .unwrap();
+                let raw = read_until_closed(&mut stream).await;
+                let reply = parse_reply(&String::from_utf8(raw).unwrap());
+                if reply.status == 200 {
+                    return reply;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("a freed place is used");
+        assert_eq!(
+            serde_json::from_str::<StatsSnapshot>(&reply.body).unwrap(),
+            sample()
+        );
+        for stream in &mut held {
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+                .await
+                .unwrap();
+            assert_eq!(read_response(stream).await.status, 200);
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_or_too_many_headers_are_431() {
+        let server = start(Fake::new(), None).await;
+        let big = "x".repeat(MAX_HEADER_SIZE);
+        let reply = request(server.addr, "GET", "/api/stats", &[("X-Big", &big)], "").await;
+        assert_eq!(reply.status, 431);
+        let names: Vec<String> = (0..MAX_HEADERS).map(|i| format!("X-H{i}")).collect();
+        let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+        let reply = request(server.addr, "GET", "/api/stats", &many, "").await;
+        assert_eq!(reply.status, 431);
+        // Just under both limits is fine.
+        let few = &many[..MAX_HEADERS - 4];
+        let reply = request(server.addr, "GET", "/api/stats", few, "").await;
+        assert_eq!(reply.status, 200);
+    }
+
+    #[tokio::test]
+    async fn metrics_show_the_port() {
+        let limits = Limits {
+            maxconn: 1,
+            ..Limits::default()
+        };
+        let server = start_with(Fake::new(), None, limits).await;
+        let held = served_connection(server.addr).await;
+        let mut refused = TcpStream::connect(server.addr).await.unwrap();
+        read_until_closed(&mut refused).await;
+        drop(held);
+        // Served once the held connection's end is noticed (503 until then).
+        let reply = tokio::time::timeout(HANG, async {
+            loop {
+                let reply = request(server.addr, "GET", "/metrics", &[], "").await;
+                if reply.status == 200 {
+                    return reply;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("served once the place is free");
+        let value = |name: &str| -> u64 {
+            let prefix = format!("{name} ");
+            let line = reply.body.lines().find(|l| l.starts_with(&prefix));
+            line.unwrap_or_else(|| panic!("{name} in\n{}", reply.body))[prefix.len()..]
+                .parse()
+                .unwrap()
+        };
+        // This request's own connection is the one open.
+        assert_eq!(value("mxlb_stats_connections_current"), 1);
+        assert_eq!(value("mxlb_stats_connections_limit"), 1);
+        assert_eq!(value("mxlb_stats_connections_total"), 2);
+        assert!(value("mxlb_stats_connections_refused_total") >= 1);
+        assert_eq!(value("mxlb_stats_connections_timed_out_total"), 0);
+        assert_eq!(value("mxlb_stats_snapshots_total"), 2);
     }
 
     #[test]

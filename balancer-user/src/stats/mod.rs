@@ -2,15 +2,20 @@
 //! `/metrics` (Prometheus text) and the admin API, all from one [`StatsSnapshot`].
 //!
 //! - [`model`]: the snapshot and the [`StatsSource`] trait the daemon implements.
-//! - [`http`]: the routes, admin authentication, and serving until stopped.
+//! - [`http`]: the routes and admin authentication.
+//! - [`server`]: serving the port within its limits (connection cap, timeouts, sizes).
+//! - [`cache`]: the snapshot shared between requests, rebuilt on a budget.
 //! - [`html`] and [`prometheus`]: the two renderings of a snapshot.
 
+pub mod cache;
 pub mod html;
 pub mod http;
 pub mod model;
 pub mod prometheus;
+pub mod server;
 
-pub use http::{router, serve};
+pub use http::router;
 pub use model::{
     AdminError, AdminState, ListenerStats, RefusedLimits, ServerStats, StatsSnapshot, StatsSource,
 };
+pub use server::{Limits, PortCounters, PortStats, serve};

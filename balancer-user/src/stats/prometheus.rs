@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::model::{ListenerStats, ServerStats, StatsSnapshot};
+use super::server::PortStats;
 
 /// The `Content-Type` of [`render`]'s output (OpenMetrics 1.0 text, ending in `# EOF`).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -31,8 +32,17 @@ const STATUSES: [&str; 4] = ["UP", "DOWN", "DRAIN", "MAINT"];
 
 /// Renders `snapshot` as a complete OpenMetrics exposition.
 pub fn render(snapshot: &StatsSnapshot) -> String {
+    encode_collector(SnapshotCollector(snapshot.clone(), None))
+}
+
+/// [`render`] with the stats port's own counters (`mxlb_stats_*`).
+pub fn render_with_port(snapshot: &StatsSnapshot, port: &PortStats) -> String {
+    encode_collector(SnapshotCollector(snapshot.clone(), Some(*port)))
+}
+
+fn encode_collector(collector: SnapshotCollector) -> String {
     let mut registry = Registry::with_prefix("mxlb");
-    registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
+    registry.register_collector(Box::new(collector));
     let mut out = String::new();
     // Writing to a String cannot fail and every value is range-checked below, so an error
     // here is a bug; Prometheus rejects the truncated text (no `# EOF`), which is visible.
@@ -42,13 +52,17 @@ pub fn render(snapshot: &StatsSnapshot) -> String {
     out
 }
 
-/// The snapshot, handed to prometheus-client at encode time.
+/// The snapshot (and the stats port's counters), handed to prometheus-client at encode
+/// time.
 #[derive(Debug)]
-struct SnapshotCollector(StatsSnapshot);
+struct SnapshotCollector(StatsSnapshot, Option<PortStats>);
 
 impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         encode_process(&mut enc, &self.0)?;
+        if let Some(port) = &self.1 {
+            encode_port(&mut enc, port)?;
+        }
         encode_listeners(&mut enc, &self.0.listeners)?;
         encode_servers(&mut enc, &self.0.listeners)
     }
@@ -177,6 +191,58 @@ fn encode_process(enc: &mut DescriptorEncoder, snapshot: &StatsSnapshot) -> fmt:
         reloads
             .into_iter()
             .map(|(result, count)| ([("result", Escaped(result))], ConstCounter::new(count))),
+    )
+}
+
+/// The stats port itself: how it holds up under load and attack.
+fn encode_port(enc: &mut DescriptorEncoder, port: &PortStats) -> fmt::Result {
+    write_single(
+        enc,
+        desc(
+            "stats_connections_current",
+            "Connections the stats port is serving now",
+        ),
+        gauge(port.connections_cur),
+    )?;
+    write_single(
+        enc,
+        desc(
+            "stats_connections_limit",
+            "stats.maxconn: the most connections the stats port serves at once",
+        ),
+        gauge(port.connections_limit),
+    )?;
+    write_single(
+        enc,
+        desc(
+            "stats_connections",
+            "Connections the stats port accepted under its limit",
+        ),
+        ConstCounter::new(port.connections_total),
+    )?;
+    write_single(
+        enc,
+        desc(
+            "stats_connections_refused",
+            "Connections the stats port refused (503, closed) because stats.maxconn were open",
+        ),
+        ConstCounter::new(port.refused),
+    )?;
+    write_single(
+        enc,
+        desc(
+            "stats_connections_timed_out",
+            "Stats port connections closed at stats.timeout (slow or idle clients)",
+        ),
+        ConstCounter::new(port.timed_out),
+    )?;
+    write_single(
+        enc,
+        desc(
+            "stats_snapshots",
+            "Snapshots of the daemon built for the stats endpoints (shared between requests under load)",
+        ),
+        ConstCounter::new(port.snapshots_built),
     )
 }
 
