@@ -225,13 +225,14 @@ pub fn write_paced(
 }
 
 /// The end of DATA after `rest` of the message: the rest, the closing dot, and the
-/// server's verdict as the client sees it. A write that fails is a reset or close the
+/// server's verdict as the client sees it. The message sent so far (with `rest`) ends in
+/// CRLF, as [`Message::wire`] does. A write that fails is a reset or close the
 /// client saw; then whatever is still readable tells which.
 pub fn finish_data(client: &mut SmtpClient, rest: &[u8]) -> Seen {
     let written = client
         .stream
         .write_all(rest)
-        .and_then(|()| client.stream.write_all(b"\r\n.\r\n"));
+        .and_then(|()| client.stream.write_all(b".\r\n"));
     match written {
         Ok(()) => client.seen(),
         Err(error) => match client.seen() {
