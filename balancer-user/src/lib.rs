@@ -32,6 +32,7 @@ pub mod privilege;
 pub mod proxy_header;
 pub mod relay;
 pub mod reload;
+pub mod secret_file;
 pub mod session;
 pub mod sockopt;
 pub mod stats;

@@ -86,6 +86,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { path } => match Config::load(&path) {
             Ok(config) => {
+                if let Some(warning) = mxlb::secret_file::token_exposure(&path, &config) {
+                    eprintln!("warning: {warning}");
+                }
                 println!(
                     "{}: ok ({} listener(s), {} server(s))",
                     path.display(),
@@ -104,7 +107,10 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => match Config::load(&config) {
-            Ok(loaded) => run_daemon(loaded, Some(config), false),
+            Ok(loaded) => {
+                let exposure = mxlb::secret_file::token_exposure(&config, &loaded);
+                run_daemon(loaded, Some(config), exposure, false)
+            }
             Err(error) => {
                 eprintln!("{error}");
                 ExitCode::from(EXIT_CONFIG)
@@ -139,7 +145,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Demo => match mxlb::demo::config() {
-            Ok(config) => run_daemon(config, None, true),
+            Ok(config) => run_daemon(config, None, None, true),
             Err(error) => {
                 eprintln!("{error:#}");
                 ExitCode::from(EXIT_CONFIG)
@@ -149,8 +155,17 @@ fn main() -> ExitCode {
 }
 
 /// Runs the daemon; SIGHUP reloads `config_path` (`None` for the demo's built-in one).
-fn run_daemon(config: Config, config_path: Option<PathBuf>, demo: bool) -> ExitCode {
+/// `warning` is logged once logging is set up.
+fn run_daemon(
+    config: Config,
+    config_path: Option<PathBuf>,
+    warning: Option<String>,
+    demo: bool,
+) -> ExitCode {
     mxlb::logging::init(config.global.log_format);
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
     let runtime = match runtime(config.global.daemon_threads()) {
         Ok(runtime) => runtime,
         Err(error) => {

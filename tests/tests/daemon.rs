@@ -157,6 +157,41 @@ fn config_errors_exit_2_with_file_line_and_column() -> Result<()> {
     Ok(())
 }
 
+/// A config file that holds the admin token and that any user can read: check-config (and
+/// the daemon at start) warn and name the fix; 0640 passes quietly.
+#[test]
+fn world_readable_admin_token_is_warned_about() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("mxlb.toml");
+    std::fs::write(
+        &path,
+        "[stats]\nbind = \"127.0.0.1:8404\"\nadmin_token = \"s3cret\"\n\n\
+         [[listen]]\nname = \"smtp\"\nbind = \"127.0.0.1:2525\"\n\n\
+         [[listen.server]]\nname = \"mail1\"\naddr = \"127.0.0.1:25\"\n",
+    )?;
+    let check = |mode: u32| -> Result<String> {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        let output = run_command(
+            Command::new(binary()).arg("check-config").arg(&path),
+            Duration::from_secs(10),
+        )?;
+        ensure!(output.status.success(), "{mode:o}: {}", output.output);
+        Ok(output.output)
+    };
+    let loose = check(0o644)?;
+    ensure!(
+        loose.contains("warning:") && loose.contains("admin_token") && loose.contains("0644"),
+        "0644: expected a warning naming the token and the mode, got {loose:?}"
+    );
+    let tight = check(0o640)?;
+    ensure!(
+        !tight.contains("warning"),
+        "0640: expected no warning, got {tight:?}"
+    );
+    Ok(())
+}
+
 /// A pin path outside bpffs makes the kernel relay fail to load: `sockmap` must refuse to
 /// start, `auto` must fall back to user space and say why.
 #[test]
