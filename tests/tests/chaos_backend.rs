@@ -381,11 +381,13 @@ fn bad_backends_give_clients_a_close_then_go_down(relay: RelayKind) -> Result<()
     );
     // The client was not relayed, as the log says: no `connection finished` line, one
     // 421 line.
-    ensure!(
-        mxlb.log_lines("no server available: replied 421").len() == 1,
-        "{}",
-        mxlb.log()
-    );
+    // (The log is read from the daemon's stderr by a thread: wait for the line.)
+    let refused = mxlb.wait_for_log_count(
+        "no server available: replied 421",
+        1,
+        Duration::from_secs(5),
+    )?;
+    ensure!(refused.len() == 1, "{}", mxlb.log());
     ensure!(
         mxlb.finished()?.is_empty(),
         "a client was relayed to a DOWN server:\n{}",

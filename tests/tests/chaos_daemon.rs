@@ -221,10 +221,10 @@ fn sigkill_mid_data_then_restart_over_the_pins(relay: RelayKind) -> Result<()> {
     Ok(())
 }
 
-const GRACE: Duration = Duration::from_secs(4);
+const GRACE: Duration = Duration::from_secs(6);
 
 /// SIGTERM with two sessions in DATA: one whose sender goes on paced for ~1.5 s, one that
-/// stalls. Expected: the listener closes at once (a new connect is refused while the
+/// stalls (`grace` = 6 s). Expected: the listener closes at once (a new connect is refused while the
 /// sessions still run); the first finishes within `grace`: 250, QUIT answered, the
 /// message delivered whole; the second is still open then, and is cut when `grace` is
 /// over: its connection ends without a reply, Postfix delivers nothing of it. The daemon
@@ -239,7 +239,10 @@ fn sigterm_finishes_within_grace_and_cuts_the_rest(relay: RelayKind) -> Result<(
         "grace = \"2s\"",
         &format!("grace = \"{}s\"", GRACE.as_secs()),
     );
-    ensure!(text.contains("grace = \"4s\""), "{text}");
+    ensure!(
+        text.contains(&format!("grace = \"{}s\"", GRACE.as_secs())),
+        "{text}"
+    );
     let mxlb = Mxlb::start(&text, listen, &pins)?;
 
     let finishing = Message::new(&format!("chaos sigterm {relay:?} finishing"), 21, 600_000);
@@ -313,7 +316,11 @@ fn sigterm_finishes_within_grace_and_cuts_the_rest(relay: RelayKind) -> Result<(
     );
     ensure!(cut_after < GRACE + Duration::from_secs(10), "{cut_after:?}");
 
-    let grace_over = mxlb.log_lines("grace period over: closing remaining connections");
+    let grace_over = mxlb.wait_for_log_count(
+        "grace period over: closing remaining connections",
+        1,
+        Duration::from_secs(5),
+    )?;
     ensure!(
         grace_over.len() == 1 && grace_over[0].contains("sessions=1"),
         "{}",
