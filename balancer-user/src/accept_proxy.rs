@@ -30,6 +30,9 @@ pub enum HeaderError {
     Closed,
     #[error("reading the PROXY header: {0}")]
     Io(#[from] io::Error),
+    /// The peer is not one of the listener's `accept_proxy_from`: nothing was read.
+    #[error("peer {0} is not in accept_proxy_from")]
+    Untrusted(std::net::IpAddr),
 }
 
 /// Reads the PROXY header at the start of `stream`, waiting at most `within` for it.

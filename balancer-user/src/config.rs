@@ -22,6 +22,7 @@ use toml::Spanned;
 
 use crate::privilege::RunAs;
 use crate::proxy_header::ProxyVersion;
+use crate::upstreams::TrustedUpstreams;
 
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/mxlb";
 const DEFAULT_MAXCONN: u32 = 20_000;
@@ -161,6 +162,9 @@ pub struct Listener {
     pub balance: Balance,
     /// Read a PROXY header (v1 or v2) from each client before relaying.
     pub accept_proxy: bool,
+    /// The peers whose PROXY headers are believed; `None`: any peer (`accept_proxy_from`
+    /// not set).
+    pub accept_proxy_from: Option<TrustedUpstreams>,
     /// Connect attempts to servers before giving up on the client.
     pub retries: u32,
     /// A retry goes to another server.
@@ -584,6 +588,7 @@ struct RawListener {
     bind: Spanned<BindList>,
     balance: Option<Balance>,
     accept_proxy: Option<bool>,
+    accept_proxy_from: Option<Spanned<Vec<Spanned<String>>>>,
     retries: Option<Spanned<u32>>,
     redispatch: Option<bool>,
     timeout_connect: Option<Spanned<HumanDuration>>,
@@ -606,10 +611,13 @@ impl RawListener {
         if self.bind.get_ref().0.is_empty() {
             return invalid(self.bind.span(), "bind needs at least one address");
         }
+        let accept_proxy = self.accept_proxy.unwrap_or(false);
+        let accept_proxy_from = trusted_upstreams(self.accept_proxy_from, accept_proxy)?;
         Ok(Listener {
             bind: self.bind.into_inner().0,
             balance: self.balance.unwrap_or_default(),
-            accept_proxy: self.accept_proxy.unwrap_or(false),
+            accept_proxy,
+            accept_proxy_from,
             retries: bounded(self.retries, DEFAULT_RETRIES, 0..=MAX_RETRIES, "retries")?,
             redispatch: self.redispatch.unwrap_or(true),
             timeout_connect: nonzero(
@@ -755,6 +763,37 @@ fn url_safe_name(name: Spanned<String>, what: &str) -> Validated<String> {
     let message =
         format!("invalid {what} name {text:?}: use only letters, digits, '_', '.' and '-'");
     invalid(name.span(), message)
+}
+
+/// `accept_proxy_from`: only with `accept_proxy`, never empty (that would refuse every
+/// connection: leaving the key out is how to trust any peer), each entry an address or a
+/// CIDR block.
+fn trusted_upstreams(
+    entries: Option<Spanned<Vec<Spanned<String>>>>,
+    accept_proxy: bool,
+) -> Validated<Option<TrustedUpstreams>> {
+    let Some(entries) = entries else {
+        return Ok(None);
+    };
+    if !accept_proxy {
+        return invalid(
+            entries.span(),
+            "accept_proxy_from needs accept_proxy = true (it names who may send PROXY headers)",
+        );
+    }
+    if entries.get_ref().is_empty() {
+        return invalid(
+            entries.span(),
+            "accept_proxy_from = [] would refuse every connection; list the upstream \
+             balancers' addresses, or leave the key out to accept headers from any peer",
+        );
+    }
+    let spans: Vec<_> = entries.get_ref().iter().map(Spanned::span).collect();
+    let texts = entries.get_ref().iter().map(|e| e.get_ref().as_str());
+    match TrustedUpstreams::parse(texts) {
+        Ok(trusted) => Ok(Some(trusted)),
+        Err(error) => invalid(spans[error.index].clone(), error.message),
+    }
 }
 
 fn bounded(
@@ -1129,6 +1168,7 @@ addr = "127.0.0.1:10025"
                 bind: vec![addr("0.0.0.0:25"), addr("[::]:25")],
                 balance: Balance::RoundRobin,
                 accept_proxy: false,
+                accept_proxy_from: None,
                 retries: 3,
                 redispatch: true,
                 timeout_connect: Duration::from_secs(5),
@@ -1463,6 +1503,45 @@ addr = "127.0.0.1:10025"
     }
 
     #[test]
+    fn accept_proxy_from_names_trusted_upstreams() {
+        let text = with_listener_keys(
+            "accept_proxy = true\naccept_proxy_from = [\"10.0.0.0/8\", \"192.0.2.7\"]\n",
+        );
+        let listener = &Config::parse(&text, "mxlb.toml").unwrap().listeners[0];
+        let trusted = listener.accept_proxy_from.as_ref().expect("a trust list");
+        assert!(trusted.allows("10.3.2.1".parse().unwrap()));
+        assert!(trusted.allows("192.0.2.7".parse().unwrap()));
+        assert!(!trusted.allows("192.0.2.8".parse().unwrap()));
+
+        let any = with_listener_keys("accept_proxy = true\n");
+        assert_eq!(
+            Config::parse(&any, "mxlb.toml").unwrap().listeners[0].accept_proxy_from,
+            None
+        );
+    }
+
+    #[test]
+    fn accept_proxy_from_errors_point_at_the_entry() {
+        assert_error(
+            &with_listener_keys(
+                "accept_proxy = true\naccept_proxy_from = [\"10.0.0.0/8\", \"mx.example\"]\n",
+            ),
+            "mxlb.toml:5:36:",
+            "\"mx.example\" is not an IP address or a CIDR block",
+        );
+        assert_error(
+            &with_listener_keys("accept_proxy_from = [\"10.0.0.0/8\"]\n"),
+            "mxlb.toml:4:21:",
+            "accept_proxy_from needs accept_proxy = true",
+        );
+        assert_error(
+            &with_listener_keys("accept_proxy = true\naccept_proxy_from = []\n"),
+            "mxlb.toml:5:21:",
+            "would refuse every connection",
+        );
+    }
+
+    #[test]
     fn wrong_types_and_values() {
         assert_error(
             &with_listener_keys("retries = \"3\"\n"),
@@ -1599,7 +1678,10 @@ addr = "127.0.0.1:10025"
             (8, Duration::from_millis(1500))
         );
         let defaults = parse(&stats("")).unwrap().stats.unwrap();
-        assert_eq!((defaults.maxconn, defaults.timeout), (64, Duration::from_secs(5)));
+        assert_eq!(
+            (defaults.maxconn, defaults.timeout),
+            (64, Duration::from_secs(5))
+        );
         assert_error(
             &stats("maxconn = 0\n"),
             "mxlb.toml:3:11:",

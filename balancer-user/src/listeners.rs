@@ -78,6 +78,13 @@ impl Listeners {
             for addr in &listener.bind {
                 info!(listener = %listener.name, %addr, servers = listener.servers.len(), "listening");
             }
+            if listener.accept_proxy && listener.accept_proxy_from.is_none() {
+                warn!(
+                    listener = %listener.name,
+                    "accept_proxy without accept_proxy_from: any peer that reaches this \
+                     listener can claim any client address; list the upstream balancers"
+                );
+            }
         }
         let frontends = listeners
             .iter()

@@ -133,6 +133,13 @@ impl Frontend {
         // (no upstream, or the upstream's own health check) means the socket's own
         // endpoints, as in the PROXY protocol itself.
         let claimed = if self.config.accept_proxy {
+            if let Some(trusted) = &self.config.accept_proxy_from
+                && !trusted.allows(peer.ip())
+            {
+                // Not even peeked at: an untrusted peer's claim is never read.
+                let untrusted = accept_proxy::HeaderError::Untrusted(peer.ip());
+                return self.pool.record_bad_proxy_header(peer, &untrusted);
+            }
             let within = self.config.timeout_connect;
             match Box::pin(accept_proxy::read_header(&client, within)).await {
                 Ok(header) => header,

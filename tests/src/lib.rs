@@ -105,6 +105,25 @@ fn reserve_port() -> Result<u16> {
     bail!("no free port found in 1000 attempts")
 }
 
+/// A TCP connection to `to` from the local address `source` (port chosen by the kernel):
+/// tests stand in for many clients with the loopback block's many addresses.
+pub fn connect_from(
+    source: IpAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<std::net::TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket
+        .connect_timeout(&to.into(), timeout)
+        .with_context(|| format!("connecting from {source} to {to}"))?;
+    Ok(socket.into())
+}
+
 /// `127.0.0.1:<free port>`, see [`free_port`].
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))

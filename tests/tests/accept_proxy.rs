@@ -100,7 +100,15 @@ fn through(
     header: &[u8],
     backend: &Backend<(ProxyInfo, Digest256)>,
 ) -> Result<(ProxyInfo, Digest256)> {
-    let mut client = TcpStream::connect(listen)?;
+    through_on(TcpStream::connect(listen)?, header, backend)
+}
+
+/// [`through`] on a connection already open.
+fn through_on(
+    mut client: TcpStream,
+    header: &[u8],
+    backend: &Backend<(ProxyInfo, Digest256)>,
+) -> Result<(ProxyInfo, Digest256)> {
     client.set_read_timeout(Some(TIMEOUT))?;
     client.write_all(header)?;
     ensure!(read_line(&mut client)? == BANNER);
@@ -234,6 +242,67 @@ fn connections_without_a_usable_header_are_closed_and_counted() -> Result<()> {
         RelayKind::Kernel,
         &mxlb.finished_for("192.0.2.9:40003".parse()?, TIMEOUT)?,
     )?;
+    Ok(())
+}
+
+/// `accept_proxy_from`: only the listed upstreams' headers are believed. A peer outside
+/// the list is closed before anything it sent is read (a well-formed header included),
+/// reaches no server, and is counted with the bad headers and logged; a listed peer is
+/// served as before.
+#[test]
+fn only_trusted_upstreams_may_claim_a_client() -> Result<()> {
+    let backend = reporting()?;
+    let (mxlb, stats) = start(
+        "accept-proxy-trust",
+        RelayKind::Kernel,
+        backend.addr,
+        "v1",
+        "accept_proxy_from = [\"127.0.0.2\", \"10.0.0.0/8\"]\n",
+    )?;
+
+    // From 127.0.0.1, not listed: the header may be sent or refused, never answered.
+    let mut stranger = TcpStream::connect(mxlb.listen)?;
+    stranger.set_read_timeout(Some(TIMEOUT))?;
+    let _ = stranger.write_all(b"PROXY TCP4 192.0.2.66 198.51.100.25 40066 25\r\n");
+    let mut answer = Vec::new();
+    let ended = stranger.read_to_end(&mut answer);
+    ensure!(
+        answer.is_empty(),
+        "an untrusted peer gets no banner: {ended:?} {answer:?}"
+    );
+    let listener = wait_until(
+        "the untrusted peer counted",
+        TIMEOUT,
+        Duration::from_millis(20),
+        || {
+            let snapshot = get_json(&format!("http://{stats}/api/stats"))?;
+            let listener = snapshot["listeners"][0].clone();
+            Ok((listener["bad_proxy_headers"] == 1).then_some(listener))
+        },
+    )?;
+    ensure!(listener["sessions_total"] == 0, "{listener}");
+    let logged = mxlb.log_lines("is not in accept_proxy_from");
+    ensure!(
+        logged.len() == 1 && logged[0].contains("127.0.0.1"),
+        "one warning naming the peer: {}",
+        mxlb.log()
+    );
+
+    // From 127.0.0.2, listed: the claimed client is served.
+    let trusted = mxlb_tests::connect_from([127, 0, 0, 2].into(), mxlb.listen, TIMEOUT)?;
+    let header = b"PROXY TCP4 192.0.2.9 198.51.100.25 40009 25\r\n";
+    let (info, _) = through_on(trusted, header, &backend)?;
+    ensure!(info.source.ip() == Ipv4Addr::new(192, 0, 2, 9), "{info:?}");
+    check_carried(
+        RelayKind::Kernel,
+        &mxlb.finished_for("192.0.2.9:40009".parse()?, TIMEOUT)?,
+    )?;
+    let snapshot = get_json(&format!("http://{stats}/api/stats"))?;
+    ensure!(
+        snapshot["listeners"][0]["sessions_total"] == 1
+            && snapshot["listeners"][0]["bad_proxy_headers"] == 1,
+        "{snapshot}"
+    );
     Ok(())
 }
 

@@ -959,10 +959,7 @@ fn run_connection(plan: Arc<Plan>, listen: SocketAddr, results: &Results) -> Con
 
 /// A client socket bound to its own loopback address.
 fn connect_from(source: Ipv4Addr, listen: SocketAddr) -> Result<TcpStream> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::from((source, 0)).into())?;
-    socket.connect_timeout(&listen.into(), Duration::from_secs(10))?;
-    Ok(socket.into())
+    mxlb_tests::connect_from(source.into(), listen, Duration::from_secs(10))
 }
 
 /// What is wrong with one direction, if anything.

@@ -34,12 +34,7 @@ fn holding(name: &str) -> Result<HoldingBackend> {
 
 /// A connection from `source`, any address of 127.0.0.0/8.
 fn connect_from(source: Ipv4Addr, to: SocketAddr) -> Result<TcpStream> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::from((source, 0)).into())?;
-    socket
-        .connect_timeout(&to.into(), TIMEOUT)
-        .with_context(|| format!("connecting from {source} to {to}"))?;
-    let stream = TcpStream::from(socket);
+    let stream = mxlb_tests::connect_from(source.into(), to, TIMEOUT)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     Ok(stream)
 }
