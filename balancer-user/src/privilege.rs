@@ -24,7 +24,7 @@ use std::fmt;
 use anyhow::{Context, bail};
 use caps::{CapSet, Capability, CapsHashSet};
 use nix::unistd::{Gid, Group, Uid, User};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::relay::Relay;
 
@@ -212,13 +212,18 @@ pub fn drop_privileges(run_as: &RunAs, relay: &Relay) -> anyhow::Result<Dropped>
             .context("handing the pin directory to global.user")?;
     }
     let port_start = unprivileged_port_start().context("reading the unprivileged port start")?;
+    // What the daemon was given (a unit's CapabilityBoundingSet may have left some out).
+    let had = caps::read(None, CapSet::Permitted).context("reading the permitted set")?;
 
-    // Keep the permitted set through the uid change; without this the kernel clears it.
-    nix::sys::prctl::set_keepcaps(true).context("PR_SET_KEEPCAPS")?;
-    caps::clear(None, CapSet::Ambient).context("clearing the ambient capabilities")?;
-    nix::unistd::setgroups(&[]).context("dropping the supplementary groups")?;
-    nix::unistd::setresgid(gid, gid, gid).with_context(|| format!("setresgid({gid})"))?;
-    nix::unistd::setresuid(uid, uid, uid).with_context(|| format!("setresuid({uid})"))?;
+    let switched = switch_ids(uid, gid);
+    if switched.is_err()
+        && let Relay::Kernel(kernel) = relay
+    {
+        // Still root: take the directory back so that this root can remove the pins at
+        // exit even without CAP_DAC_OVERRIDE.
+        let _ = kernel.give_pin_dir_to(Uid::from_raw(0), Gid::from_raw(0));
+    }
+    switched?;
 
     // Now uid != 0: the effective set is empty, the permitted set still root's. Try the
     // maps as the daemon will use them from now on.
@@ -230,7 +235,22 @@ pub fn drop_privileges(run_as: &RunAs, relay: &Relay) -> anyhow::Result<Dropped>
         },
         Relay::UserSpace => false,
     };
-    let kept = kept_capabilities(port_start, maps_need_bpf);
+    let wanted = kept_capabilities(port_start, maps_need_bpf);
+    let kept: CapsHashSet = wanted.intersection(&had).copied().collect();
+    let missing: CapsHashSet = wanted.difference(&had).copied().collect();
+    if missing.contains(&Capability::CAP_BPF) {
+        bail!(
+            "the kernel refuses map updates without CAP_BPF, which the daemon was not given: \
+             it could not relay"
+        );
+    }
+    if !missing.is_empty() {
+        warn!(
+            "keeping no {}: the daemon was not given it; a reload cannot bind ports below \
+             {port_start}",
+            describe(&missing)
+        );
+    }
 
     // Cutting the bounding set needs CAP_SETPCAP in effect, for this last step only.
     let setpcap: CapsHashSet = [Capability::CAP_SETPCAP].into();
@@ -253,6 +273,16 @@ pub fn drop_privileges(run_as: &RunAs, relay: &Relay) -> anyhow::Result<Dropped>
         "privileges dropped"
     );
     Ok(Dropped { kept })
+}
+
+/// Supplementary groups, then the gid, then the uid, keeping the permitted capabilities
+/// through the switch (without PR_SET_KEEPCAPS the kernel clears them).
+fn switch_ids(uid: Uid, gid: Gid) -> anyhow::Result<()> {
+    nix::sys::prctl::set_keepcaps(true).context("PR_SET_KEEPCAPS")?;
+    caps::clear(None, CapSet::Ambient).context("clearing the ambient capabilities")?;
+    nix::unistd::setgroups(&[]).context("dropping the supplementary groups")?;
+    nix::unistd::setresgid(gid, gid, gid).with_context(|| format!("setresgid({gid})"))?;
+    nix::unistd::setresuid(uid, uid, uid).with_context(|| format!("setresuid({uid})"))
 }
 
 /// Drops every capability the kernel knows from the bounding set but `kept`.
