@@ -8,6 +8,7 @@ mod bench;
 mod build;
 mod build_ebpf;
 mod cmd;
+mod fuzz;
 mod run;
 mod setup;
 mod test;
@@ -62,6 +63,15 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Run the libFuzzer targets (fuzz/) with cargo-fuzz and nightly, each for a bounded
+    /// time; fails on a crash and names the crashing input
+    Fuzz {
+        /// Seconds per target
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// Only this target (proxy_header, smtp_reply, config, admin_api)
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +83,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run::run(&args),
         Task::Test { args } => test::run(&args),
         Task::Bench { quick, only } => bench::run(quick, only.as_deref()),
+        Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,11 +1,12 @@
 //! `cargo xtask test [-- CARGO-TEST-ARGS…]`: what CI runs (`.ci/run`).
 //!
 //! Set up, build the eBPF object, check formatting and lints (both workspaces), build, then
-//! `cargo test --workspace` with MXLB_BIN and MXLB_EBPF_OBJECT pointing at what was built.
+//! `cargo test --workspace` with MXLB_BIN and MXLB_EBPF_OBJECT pointing at what was built,
+//! then the fuzz targets for 20 s each (`cargo xtask fuzz`).
 
 use anyhow::Result;
 
-use crate::{build_ebpf, cmd, setup};
+use crate::{build_ebpf, cmd, fuzz, setup};
 
 pub fn run(args: &[String]) -> Result<()> {
     setup::run()?;
@@ -19,6 +20,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "--manifest-path",
         "balancer-ebpf/Cargo.toml",
     ]))?;
+    cmd::run(cmd::cargo_at_root().args(["fmt", "--check", "--manifest-path", "fuzz/Cargo.toml"]))?;
 
     // Licenses, banned and duplicate crates, sources (deny.toml). The advisory check needs
     // the RustSec database from GitHub, which CI cannot reach: docs/security.md.
@@ -57,6 +59,12 @@ pub fn run(args: &[String]) -> Result<()> {
                 .env("MXLB_TEST_USER", "nobody")
                 .args(["test", "-p", "mxlb-tests", "--test", "relay"]),
         )?;
+    }
+    // The fuzz targets, briefly (about 80 s and the fuzz build): the corpus and what earlier
+    // runs found are replayed, then each parser is explored for a while. Skipped with a
+    // filter; `cargo xtask fuzz` runs longer.
+    if args.is_empty() {
+        fuzz::run(fuzz::SHORT_SECONDS, None)?;
     }
     Ok(())
 }
