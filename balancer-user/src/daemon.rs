@@ -16,7 +16,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::limits::Gauge;
@@ -53,6 +53,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     )?;
     let mut reloader = Reloader::new(config_path, config);
 
+    let mut stats_port = None;
     if let Some(stats) = &reloader.running().stats {
         let source = Arc::new(DaemonStats {
             started: Instant::now(),
@@ -77,11 +78,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         );
         let counters = Arc::new(crate::stats::PortCounters::new(limits));
         let router = crate::stats::router(source, stats.admin_token.clone(), counters.clone());
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            if let Err(error) = crate::stats::serve(socket, router, limits, counters, stop).await {
-                error!(%error, "stats server failed");
-            }
+        stats_port = Some(crate::stats::server::Port {
+            listener: socket,
+            router,
+            limits,
+            counters,
         });
     }
 
@@ -89,6 +90,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     if let Some(run_as) = &reloader.running().global.user {
         crate::privilege::drop_privileges(run_as, &relay)
             .context("dropping privileges to global.user")?;
+    }
+    // The stats thread parses untrusted HTTP: it starts with the credentials just reduced.
+    if let Some(port) = stats_port {
+        port.spawn(stop.clone())
+            .context("stats: starting its thread")?;
     }
 
     let mut signals = Signals::install()?;

@@ -24,6 +24,13 @@
 //!
 //! A flood of requests under the cap is served from the shared snapshot
 //! ([`super::cache`]), so it costs HTTP parsing and a write, never the session locks.
+//!
+//! And the port runs on **a thread of its own** ([`Port::spawn`]): a one-thread runtime at a
+//! lower CPU priority (nice [`NICE`]). On the daemon's runtime, a flood's connections were
+//! tasks queued beside the sessions': with the adaptive relay, mail under a request flood
+//! fell to a few percent of its rate (one task serving many kernel-relayed sessions got one
+//! turn in a hundred). On its own thread, the flood competes for CPU through the kernel's
+//! scheduler, which favours the relay's thread.
 
 use std::io;
 use std::net::SocketAddr;
@@ -61,6 +68,10 @@ pub const MAX_HEADER_SIZE: usize = 8 * 1024;
 /// hyper's read buffer per connection (its minimum is 8 KiB); bounds memory to
 /// `maxconn` × 16 KiB whatever clients send.
 pub const MAX_BUF_SIZE: usize = 16 * 1024;
+
+/// The stats thread's nice value: under CPU contention the relay's threads (nice 0) get
+/// about ten times its share; with a CPU to spare it runs at full speed.
+pub const NICE: i32 = 10;
 
 /// How long [`serve`] waits, once stopped, for open requests to finish. Past it the
 /// daemon's shutdown is not held hostage by a stalled HTTP client.
@@ -144,6 +155,58 @@ impl PortCounters {
             timed_out: self.timed_out.load(Ordering::Relaxed),
             snapshots_built: 0,
         }
+    }
+}
+
+/// The stats port, bound and routed, before its thread starts.
+pub struct Port {
+    pub listener: TcpListener,
+    pub router: Router,
+    pub limits: Limits,
+    pub counters: Arc<PortCounters>,
+}
+
+impl Port {
+    /// Runs [`serve`] on a thread of its own (`mxlb-stats`), with a one-thread runtime at
+    /// nice [`NICE`]. The thread ends when `serve` returns after `stop`. Started after the
+    /// daemon dropped root, the thread that parses untrusted HTTP inherits the reduced
+    /// credentials, bounding set and `no_new_privs`.
+    pub fn spawn(self, stop: CancellationToken) -> io::Result<std::thread::JoinHandle<()>> {
+        let Port {
+            listener,
+            router,
+            limits,
+            counters,
+        } = self;
+        // Taken off the daemon's reactor here, registered with the stats runtime's there.
+        let listener = listener.into_std()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("mxlb-stats".to_owned())
+            .spawn(move || {
+                lower_priority();
+                let served = runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    serve(listener, router, limits, counters, stop).await
+                });
+                if let Err(error) = served {
+                    tracing::error!(%error, "stats server failed");
+                }
+            })
+    }
+}
+
+/// Sets this thread's nice value to [`NICE`] (on Linux a thread has its own).
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions; setpriority only reads its arguments.
+    let result = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS as _, tid as libc::id_t, NICE)
+    };
+    if result != 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), "stats: cannot lower the thread's priority");
     }
 }
 
