@@ -111,13 +111,14 @@ fn attack(relay: RelayKind) -> Result<()> {
     let fd_peak = AtomicUsize::new(idle_fds);
     let pid = mxlb.pid();
     let (mail, phase, attack, fd_peak) = (&mail, &phase, &attack, &fd_peak);
-    thread::scope(|scope| -> Result<()> {
+    let cpu = thread::scope(|scope| -> Result<ThreadCpu> {
         let mailers: Vec<_> = (0..MAIL_CLIENTS)
             .map(|client| scope.spawn(move || mail.client(listen, client, phase)))
             .collect();
         let fds = scope.spawn(move || watch_fds(pid, fd_peak, phase));
         thread::sleep(BASELINE);
 
+        let cpu_before = thread_cpu(pid)?;
         phase.set(Stage::FullAttack);
         let slowloris = scope.spawn(move || slowloris(stats, phase, attack));
         let flooders: Vec<_> = (0..FLOODERS)
@@ -131,6 +132,7 @@ fn attack(relay: RelayKind) -> Result<()> {
         thread::sleep(FLOOD_ALONE);
 
         phase.set(Stage::After);
+        let cpu_attack = thread_cpu(pid)?.since(&cpu_before);
         for flooder in flooders {
             join(flooder, "flooder")?;
         }
@@ -141,7 +143,8 @@ fn attack(relay: RelayKind) -> Result<()> {
         for mailer in mailers {
             join(mailer, "mail client")?;
         }
-        join(fds, "fd watch")
+        join(fds, "fd watch")?;
+        Ok(cpu_attack)
     })?;
     let elapsed = started.elapsed();
 
@@ -277,11 +280,57 @@ fn attack(relay: RelayKind) -> Result<()> {
          \x20 oversized: {big:?}\n\
          \x20 daemon: refused {refused}, timed out {timed_out}, snapshots built {built}\n\
          \x20 descriptors: idle {idle_fds}, peak {peak}, bound {bound}\n\
+         \x20 daemon CPU during the attack: {cpu:?}\n\
          \x20 mail: {sessions} sessions, {} MiB; {}",
         bytes >> 20,
         mail.throughput()
     );
     Ok(())
+}
+
+/// The daemon's CPU time so far: its stats thread's and all its other threads'.
+#[derive(Debug)]
+struct ThreadCpu {
+    stats: Duration,
+    others: Duration,
+}
+
+impl ThreadCpu {
+    fn since(&self, before: &ThreadCpu) -> ThreadCpu {
+        ThreadCpu {
+            stats: self.stats.saturating_sub(before.stats),
+            others: self.others.saturating_sub(before.others),
+        }
+    }
+}
+
+fn thread_cpu(pid: u32) -> Result<ThreadCpu> {
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let mut cpu = ThreadCpu {
+        stats: Duration::ZERO,
+        others: Duration::ZERO,
+    };
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread that ended since the listing counts for nothing.
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
+            continue;
+        };
+        let (name, rest) = stat
+            .split_once(" (")
+            .and_then(|(_, rest)| rest.rsplit_once(") "))
+            .context("odd /proc stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+            + fields.get(12).context("stime")?.parse::<u64>()?;
+        let time = Duration::from_nanos(ticks * 1_000_000_000 / per_second);
+        if name == "mxlb-stats" {
+            cpu.stats += time;
+        } else {
+            cpu.others += time;
+        }
+    }
+    Ok(cpu)
 }
 
 fn join<T>(handle: thread::ScopedJoinHandle<'_, Result<T>>, what: &str) -> Result<T> {
