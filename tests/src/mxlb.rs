@@ -110,27 +110,41 @@ pub fn with_stats(config: &str, bind: SocketAddr, admin_token: Option<&str>) -> 
 /// unprivileged daemon relays as the root one does.
 pub const TEST_USER_ENV: &str = "MXLB_TEST_USER";
 
-/// `config_text` with `user = "$MXLB_TEST_USER"` in its `[global]` section, when that
-/// variable is set and the configuration does not name a user itself.
+/// `config_text` with `user = "$MXLB_TEST_USER"` at the end of its `[global]` section
+/// (so the lines tests point errors at stay where they were), when that variable is set
+/// and the configuration does not name a user itself.
 pub fn with_test_user(config_text: &str) -> String {
-    let Some(user) = std::env::var(TEST_USER_ENV)
-        .ok()
-        .filter(|user| !user.is_empty())
-    else {
-        return config_text.to_owned();
-    };
+    match std::env::var(TEST_USER_ENV) {
+        Ok(user) if !user.is_empty() => with_user(config_text, &user),
+        _ => config_text.to_owned(),
+    }
+}
+
+/// `config_text` with `user = "<user>"` at the end of its `[global]` section, unless it
+/// names a user already.
+pub fn with_user(config_text: &str, user: &str) -> String {
+    let line = format!("user = \"{user}\"\n");
     let Some(start) = config_text.find("[global]\n") else {
-        return format!("[global]\nuser = \"{user}\"\n\n{config_text}");
+        return format!("[global]\n{line}\n{config_text}");
     };
-    let global = &config_text[start + "[global]\n".len()..];
-    let global = &global[..global.find("\n[").unwrap_or(global.len())];
+    let body_start = start + "[global]\n".len();
+    let body = &config_text[body_start..];
+    let body_end = body_start + body.find("\n[").map_or(body.len(), |at| at + 1);
+    let global = &config_text[body_start..body_end];
     if global
         .lines()
         .any(|line| line.trim_start().starts_with("user "))
     {
         return config_text.to_owned();
     }
-    with_global_keys(config_text, &format!("user = \"{user}\"\n"))
+    // After the last key, before the blank lines that end the section.
+    let keys_end = body_start + global.trim_end().len();
+    let (before, after) = config_text.split_at(keys_end);
+    if before.ends_with('\n') {
+        format!("{before}{line}{after}")
+    } else {
+        format!("{before}\n{}{after}", line.trim_end())
+    }
 }
 
 /// The daemon's "ready" line, in the text or the JSON log format.
@@ -727,4 +741,30 @@ pub fn two_proxy_backends()
         },
     ];
     Ok((postfix, servers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_user;
+
+    #[test]
+    fn the_test_user_goes_at_the_end_of_global() {
+        assert_eq!(
+            with_user(
+                "[global]\nrelay = \"sockmap\"\n\n[[listen]]\nname = \"a\"\n",
+                "nobody"
+            ),
+            "[global]\nrelay = \"sockmap\"\nuser = \"nobody\"\n\n[[listen]]\nname = \"a\"\n"
+        );
+        assert_eq!(
+            with_user("[global]\n\n[stats]\nbind = \"x\"\n", "nobody"),
+            "[global]\nuser = \"nobody\"\n\n[stats]\nbind = \"x\"\n"
+        );
+        assert_eq!(
+            with_user("[[listen]]\nname = \"a\"\n", "nobody"),
+            "[global]\nuser = \"nobody\"\n\n[[listen]]\nname = \"a\"\n"
+        );
+        let named = "[global]\nuser = \"mail\"\n[[listen]]\n";
+        assert_eq!(with_user(named, "nobody"), named);
+    }
 }
