@@ -574,8 +574,9 @@ impl RawStats {
         Ok(Stats {
             bind: self.bind.0,
             admin_token,
-            // At most 1024: the port's descriptors come out of the daemon's reserve.
-            maxconn: bounded(self.maxconn, defaults.maxconn, 1..=1024, "stats.maxconn")?,
+            // At most 128: the port's descriptors come out of the 256 the daemon keeps
+            // beside its sessions (daemon.rs, FD_RESERVE).
+            maxconn: bounded(self.maxconn, defaults.maxconn, 1..=128, "stats.maxconn")?,
             timeout: nonzero(self.timeout, defaults.timeout, "stats.timeout")?,
         })
     }
@@ -1685,9 +1686,9 @@ addr = "127.0.0.1:10025"
         assert_error(
             &stats("maxconn = 0\n"),
             "mxlb.toml:3:11:",
-            "stats.maxconn must be between 1 and 1024, not 0",
+            "stats.maxconn must be between 1 and 128, not 0",
         );
-        assert_error(&stats("maxconn = 5000\n"), "mxlb.toml:3:11:", "1024");
+        assert_error(&stats("maxconn = 129\n"), "mxlb.toml:3:11:", "128");
         assert_error(
             &stats("timeout = \"0s\"\n"),
             "mxlb.toml:3:11:",

@@ -259,7 +259,7 @@ mod tests {
     use super::*;
     use crate::stats::model::StatsSnapshot;
     use crate::stats::prometheus::tests::sample;
-    use crate::stats::server::{Limits, MAX_HEADER_SIZE, MAX_HEADERS, serve};
+    use crate::stats::server::{Limits, MAX_HEADER_SIZE, MAX_HEADERS, NICE, Port, serve};
 
     type Call = (String, String, AdminState);
 
@@ -866,6 +866,49 @@ mod tests {
         assert!(value("mxlb_stats_connections_refused_total") >= 1);
         assert_eq!(value("mxlb_stats_connections_timed_out_total"), 0);
         assert_eq!(value("mxlb_stats_snapshots_total"), 2);
+    }
+
+    /// The nice value of this process's thread called `name`, from /proc.
+    fn thread_nice(name: &str) -> Option<i64> {
+        std::fs::read_dir("/proc/self/task")
+            .ok()?
+            .flatten()
+            .find_map(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+                let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+                // Field 19 (nice) is the 17th after the command name.
+                (comm == name).then(|| rest.split_whitespace().nth(16)?.parse().ok())?
+            })
+    }
+
+    #[tokio::test]
+    async fn own_thread_serves_at_a_lower_priority_and_stops() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits::default();
+        let counters = Arc::new(PortCounters::new(limits));
+        let port = Port {
+            listener,
+            router: router(Fake::new(), None, counters.clone()),
+            limits,
+            counters,
+        };
+        let stop = CancellationToken::new();
+        let thread = port.spawn(stop.clone()).unwrap();
+        let reply = request(addr, "GET", "/api/stats", &[], "").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(thread_nice("mxlb-stats"), Some(i64::from(NICE)));
+        stop.cancel();
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        tokio::time::timeout(HANG, joined)
+            .await
+            .expect("the thread ends once stopped")
+            .unwrap()
+            .unwrap();
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "the port is closed"
+        );
     }
 
     #[test]
