@@ -259,7 +259,9 @@ mod tests {
     use super::*;
     use crate::stats::model::StatsSnapshot;
     use crate::stats::prometheus::tests::sample;
-    use crate::stats::server::{Limits, MAX_HEADER_SIZE, MAX_HEADERS, NICE, Port, serve};
+    use crate::stats::server::{
+        Limits, MAX_BUF_SIZE, MAX_HEADER_SIZE, MAX_HEADERS, NICE, Port, serve,
+    };
 
     type Call = (String, String, AdminState);
 
@@ -811,6 +813,29 @@ mod tests {
                 .unwrap();
             assert_eq!(read_response(stream).await.status, 200);
         }
+    }
+
+    #[tokio::test]
+    async fn a_page_larger_than_the_buffers_is_served_whole() {
+        let fake = Fake::new();
+        {
+            let mut snapshot = fake.snapshot.lock().unwrap();
+            let server = snapshot.listeners[0].servers[0].clone();
+            snapshot.listeners[0].servers = (0..2000)
+                .map(|i| ServerStats {
+                    name: format!("mx{i}"),
+                    ..server.clone()
+                })
+                .collect();
+        }
+        let server = start(fake.clone(), None).await;
+        let reply = request(server.addr, "GET", "/", &[], "").await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.body.len() > 16 * MAX_BUF_SIZE, "{}", reply.body.len());
+        assert!(reply.body.contains(r#"id="srv-smtp-mx1999""#));
+        let reply = request(server.addr, "GET", "/api/stats", &[], "").await;
+        let parsed: StatsSnapshot = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(parsed, fake.snapshot());
     }
 
     #[tokio::test]
