@@ -526,3 +526,16 @@ pub fn read_all_seen(stream: &mut TcpStream) -> (Vec<u8>, Seen) {
         }
     }
 }
+
+/// The daemon's descriptor count when idle while health checks come and go (each holds a
+/// socket for a moment, a silent server's for the whole check timeout): the least of the
+/// counts sampled over `window`, which must cover a pause between two checks.
+pub fn idle_fd_count(mxlb: &Mxlb, window: Duration) -> Result<usize> {
+    let deadline = std::time::Instant::now() + window;
+    let mut least = mxlb.fd_count()?;
+    while std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+        least = least.min(mxlb.fd_count()?);
+    }
+    Ok(least)
+}

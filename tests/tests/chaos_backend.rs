@@ -27,8 +27,8 @@ use mxlb_tests::backend::{
 };
 use mxlb_tests::chaos::{
     BadBackend, BadKind, Message, RESET_BANNER, Seen, SmtpClient, daemon_alive, delivered,
-    finish_data, garbage, kill_and_wait, kill_postfix_instance, read_all_seen, smtpd_pid_for,
-    wait_until_clean,
+    finish_data, garbage, idle_fd_count, kill_and_wait, kill_postfix_instance, read_all_seen,
+    smtpd_pid_for, wait_until_clean,
 };
 use mxlb_tests::mxlb::http::{get_json, server};
 use mxlb_tests::mxlb::{
@@ -144,7 +144,7 @@ fn postfix_killed_mid_data_gets_no_250(relay: RelayKind) -> Result<()> {
     let pins = pin_path(&format!("chaos-kill-{relay:?}"));
     let text = config_with_listener_keys(relay, &pins, listen, &servers, CHECK_KEYS);
     let mxlb = Mxlb::start(&with_stats(&text, stats, None), listen, &pins)?;
-    let idle_fds = mxlb.fd_count()?;
+    let idle_fds = idle_fd_count(&mxlb, Duration::from_secs(1))?;
 
     let mut killed_subjects = Vec::new();
     for (step, whole_instance) in [(1u8, false), (2, true)] {
@@ -230,6 +230,11 @@ fn postfix_killed_mid_data_gets_no_250(relay: RelayKind) -> Result<()> {
     wait_until_clean(&mxlb, idle_fds, relay.is_kernel())?;
     let status = mxlb.stop()?;
     ensure!(status.success(), "mxlb exited with {status}");
+    ensure!(
+        !pins.exists(),
+        "pins left at {} after a clean stop",
+        pins.display()
+    );
     eprintln!("[{relay:?}] kill in DATA: {:?}", started.elapsed());
     Ok(())
 }
@@ -366,7 +371,8 @@ fn bad_backends_give_clients_a_close_then_go_down(relay: RelayKind) -> Result<()
             "{name}: expected {check}: {entry}"
         );
     }
-    let idle_fds = mxlb.fd_count()?;
+    // A check of the silent server holds its socket for its whole 1 s timeout.
+    let idle_fds = idle_fd_count(&mxlb, Duration::from_millis(2500))?;
     let mut client =
         SmtpClient::connect_from(listen, client_ip(relay, 20), Duration::from_secs(20))?;
     let seen = client.seen();

@@ -308,8 +308,12 @@ impl Relay {
             // over and was not relayed wrong: end it as the reset it is (`finish` checks
             // the bounds, which hold). Found by the chaos tests: clients resetting in the
             // middle of a transfer, before the adaptive hand-over, were counted as
-            // integrity errors.
+            // integrity errors. Both sides are reset, as a reported violation would be:
+            // should one hide behind the reset, the server still cannot take the stream
+            // for a whole one.
             if let Some(ended) = reset_pending(&client, &server) {
+                let _ = sockopt::reset_on_close(&client);
+                let _ = sockopt::reset_on_close(&server);
                 return Ok(self.finish(ended, &client, &server, live, ledger));
             }
             ledger::report(&violation, &client, &server);
