@@ -36,6 +36,6 @@ pub mod secret_file;
 pub mod session;
 pub mod sockopt;
 pub mod stats;
-pub mod upstreams;
 #[cfg(test)]
 mod test_support;
+pub mod upstreams;
