@@ -8,6 +8,8 @@
 
 mod first;
 mod leastconn;
+#[cfg(test)]
+mod properties;
 mod roundrobin;
 mod source;
 
