@@ -475,6 +475,9 @@ fn take<const N: usize>(block: &[u8], at: usize) -> Option<[u8; N]> {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
