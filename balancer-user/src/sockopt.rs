@@ -102,7 +102,7 @@ const TCP_CLOSING: u8 = 11;
 
 /// Whether a socket in this TCP state has received its peer's FIN. `CLOSE` is counted too:
 /// a relayed socket reaches it after `LAST_ACK` or `TIME_WAIT` (both FINs) or after a
-/// reset, and the ledger does not balance a socket with a pending reset.
+/// reset, which the ledger then balances knowing so (`Ledger::balance_after_reset`).
 fn fin_received(state: u8) -> bool {
     matches!(
         state,

@@ -176,6 +176,49 @@ impl Ledger {
         down.balance(&s, &c, moment)
     }
 
+    /// The equalities at the hand-over to the kernel once a peer's reset was found pending
+    /// on a socket (the first [`Ledger::balance`] failed).
+    ///
+    /// A reset leaves the socket in TCP state `CLOSE`, whose counters read as if both FINs
+    /// had passed. Measured on Linux 6.18, the reset changes nothing else: received, unread
+    /// (`SIOCINQ`), acknowledged and queued (`SIOCOUTQ`) stay as they were. What is known
+    /// instead of the state: the daemon sent no FIN on either socket (`relay_until` hands
+    /// over only while both directions are open), and the reset peer may or may not have
+    /// sent one before its reset. So every equation must hold exactly, except the reset
+    /// socket's source equation, which may read one more (that FIN). Anything else is a
+    /// violation, reported as any other.
+    pub fn balance_after_reset(
+        &self,
+        client: &impl AsFd,
+        server: &impl AsFd,
+        relayed: Relayed,
+        resets: Resets,
+    ) -> Result<AfterReset, Violation> {
+        let (Ok(mut c), Ok(mut s)) = (Counts::read(client), Counts::read(server)) else {
+            return Ok(AfterReset::Exact);
+        };
+        for (counts, reset) in [(&mut c, resets.client), (&mut s, resets.server)] {
+            if reset {
+                counts.fin_sent = false;
+                counts.fin_received = false;
+            }
+        }
+        let up = Direction::new("client->server", self.client, self.server, relayed.upstream);
+        let down = Direction::new(
+            "server->client",
+            self.server,
+            self.client,
+            relayed.downstream,
+        );
+        let up_fin = up.balance_within(&c, &s, u64::from(resets.client))?;
+        let down_fin = down.balance_within(&s, &c, u64::from(resets.server))?;
+        Ok(if up_fin || down_fin {
+            AfterReset::WithinAFin
+        } else {
+            AfterReset::Exact
+        })
+    }
+
     /// The bounds, valid at any time (sockets paired in the kernel or not). `relayed` is
     /// asked twice, around the socket readings, because the kernel may be relaying
     /// meanwhile: the source is compared with what was relayed before its counters were
@@ -198,6 +241,37 @@ impl Ledger {
         up(after.upstream).sink_bound(&s)?;
         down(after.downstream).sink_bound(&c)
     }
+}
+
+/// Which sockets had a pending error (a peer's reset) when it was taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resets {
+    pub client: bool,
+    pub server: bool,
+}
+
+impl Resets {
+    /// Takes (and so clears) each socket's pending error.
+    pub fn take(client: &impl AsFd, server: &impl AsFd) -> Resets {
+        Resets {
+            client: reset(client),
+            server: reset(server),
+        }
+    }
+
+    pub fn any(self) -> bool {
+        self.client || self.server
+    }
+}
+
+/// How a balance after a reset held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterReset {
+    /// Every equation exactly: no FIN came before the reset.
+    Exact,
+    /// A reset socket's stream read one more than was relayed: its peer's FIN before the
+    /// reset, or a lost byte, which the counters cannot tell apart.
+    WithinAFin,
 }
 
 /// Counts and logs a violation, and makes both sockets reset when they close: the server
@@ -275,6 +349,22 @@ impl Direction {
             return Err(self.violation(moment, "sink", given));
         }
         Ok(())
+    }
+
+    /// [`Direction::balance`] letting the source read up to `slack` more than was
+    /// relayed (a FIN the counters cannot place); whether it did.
+    fn balance_within(&self, from: &Counts, to: &Counts, slack: u64) -> Result<bool, Violation> {
+        let moment = Moment::ToKernel;
+        let read = consumed(from).wrapping_sub(self.from.consumed);
+        let extra = read.wrapping_sub(self.relayed);
+        if extra > slack {
+            return Err(self.violation(moment, "source", read));
+        }
+        let given = sent(to).wrapping_sub(self.to.taken);
+        if given != self.relayed {
+            return Err(self.violation(moment, "sink", given));
+        }
+        Ok(extra > 0)
     }
 
     fn source_bound(&self, from: &Counts) -> Result<(), Violation> {
@@ -369,6 +459,33 @@ mod tests {
         let from = counts(10 + 1000, 0, 0, false);
         let to = counts(0, 0, 50 + 1000, false);
         assert!(direction(1100).balance(&from, &to, Moment::End).is_err());
+    }
+
+    #[test]
+    fn after_a_reset_only_the_source_may_read_one_more() {
+        // The reset socket's counters with the state's FINs taken out: 1000 relayed, none
+        // lost. With the peer's FIN before its reset, `received` has one more.
+        let to = counts(0, 0, 50 + 1000, false);
+        let without_fin = counts(10 + 1000, 0, 0, false);
+        let with_fin = counts(10 + 1000 + 1, 0, 0, false);
+        assert_eq!(
+            direction(1000).balance_within(&without_fin, &to, 1),
+            Ok(false)
+        );
+        assert_eq!(direction(1000).balance_within(&with_fin, &to, 1), Ok(true));
+        // No slack where the socket was not reset.
+        assert!(direction(1000).balance_within(&with_fin, &to, 0).is_err());
+        // A source that read two more, or one less, than was relayed: lost or duplicated.
+        let two_more = counts(10 + 1002, 0, 0, false);
+        let one_less = counts(10 + 999, 0, 0, false);
+        assert!(direction(1000).balance_within(&two_more, &to, 1).is_err());
+        assert!(direction(1000).balance_within(&one_less, &to, 1).is_err());
+        // The sink stays exact: a peer that took less than was relayed is a loss.
+        let short = counts(0, 0, 50 + 999, false);
+        let violation = direction(1000)
+            .balance_within(&without_fin, &short, 1)
+            .unwrap_err();
+        assert_eq!((violation.side, violation.kernel_says), ("sink", 999));
     }
 
     #[test]

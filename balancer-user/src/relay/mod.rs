@@ -16,13 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use sockmap::{EBPF_LOG_TARGET, KernelRelay};
 
 use crate::config::RelayMode;
 use crate::sockopt;
-use ledger::{Ledger, Moment};
+use ledger::{AfterReset, Ledger, Moment, Resets};
 
 /// How a relayed connection ended, in the spirit of HAProxy's termination states.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -302,18 +302,35 @@ impl Relay {
         let relayed = live.relayed(Some(kernel));
         if let Err(violation) = ledger.balance(&client, &server, relayed, Moment::ToKernel) {
             // A peer's reset that arrived after the user-space phase last read its socket
-            // leaves that socket in TCP state CLOSE, which the counters take for an orderly
-            // close: they subtract a FIN the reset never carried (and a reset drops the
-            // socket's send queue), so the balance fails by that much. Such a connection is
-            // over and was not relayed wrong: end it as the reset it is (`finish` checks
-            // the bounds, which hold). Found by the chaos tests: clients resetting in the
-            // middle of a transfer, before the adaptive hand-over, were counted as
-            // integrity errors. Both sides are reset, as a reported violation would be:
-            // should one hide behind the reset, the server still cannot take the stream
-            // for a whole one.
-            if let Some(ended) = reset_pending(&client, &server) {
-                let _ = sockopt::reset_on_close(&client);
-                let _ = sockopt::reset_on_close(&server);
+            // leaves that socket in TCP state CLOSE, which the counters take for both FINs
+            // passed, so the balance fails by one. Such a connection is over: balance it
+            // again knowing which sockets were reset (`balance_after_reset`: exact but for
+            // the reset peer's possible FIN), and end it as the reset it is. Found by the
+            // chaos tests: clients resetting in the middle of a transfer, before the
+            // adaptive hand-over, were counted as integrity errors.
+            let resets = Resets::take(&client, &server);
+            if resets.any() {
+                let ended = if resets.client {
+                    Termination::ClientReset
+                } else {
+                    Termination::ServerReset
+                };
+                let after = ledger.balance_after_reset(&client, &server, relayed, resets);
+                debug!(?resets, ?after, %violation, "peer reset at the hand-over to the kernel");
+                match after {
+                    Ok(AfterReset::Exact) => {}
+                    // One byte more read than relayed: the peer's FIN, or a lost byte. The
+                    // other side is reset too, so that it cannot take a stream short of a
+                    // byte for a whole one.
+                    Ok(AfterReset::WithinAFin) => {
+                        let _ = sockopt::reset_on_close(&client);
+                        let _ = sockopt::reset_on_close(&server);
+                    }
+                    Err(violation) => {
+                        ledger::report(&violation, &client, &server);
+                        return Ok(Termination::IntegrityError);
+                    }
+                }
                 return Ok(self.finish(ended, &client, &server, live, ledger));
             }
             ledger::report(&violation, &client, &server);
@@ -351,18 +368,5 @@ impl Relay {
                 Termination::IntegrityError
             }
         }
-    }
-}
-
-/// Which side has a reset the relay has not read yet, if any. Takes the pending error
-/// (`SO_ERROR`): only for a connection that ends here.
-fn reset_pending(client: &TcpStream, server: &TcpStream) -> Option<Termination> {
-    let reset = |socket: &TcpStream| matches!(socket.take_error(), Ok(Some(_)));
-    if reset(client) {
-        Some(Termination::ClientReset)
-    } else if reset(server) {
-        Some(Termination::ServerReset)
-    } else {
-        None
     }
 }
