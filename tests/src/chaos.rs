@@ -8,7 +8,7 @@
 //! retries.
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::mxlb::Mxlb;
+use crate::mxlb::{Mxlb, RelayKind};
 use crate::postfix::PostfixInstance;
 
 /// What a client saw at the end of an exchange.
@@ -207,6 +207,17 @@ impl Message {
             wire,
         }
     }
+}
+
+/// A distinct client address per test file (`block`), relay and step, so that Postfix's
+/// log names the session: `127.0.{block + 1..3}.{step}`.
+pub fn client_ip(block: u8, relay: RelayKind, step: u8) -> IpAddr {
+    let relay = match relay {
+        RelayKind::Kernel => 1,
+        RelayKind::Adaptive => 2,
+        RelayKind::UserSpace => 3,
+    };
+    IpAddr::V4(Ipv4Addr::new(127, 0, block + relay, step))
 }
 
 /// Writes `bytes` in `chunk`-sized writes, sleeping `pause` before each: a sender paced

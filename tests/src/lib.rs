@@ -36,6 +36,29 @@ pub mod postfix;
 pub mod smtp_source;
 pub mod swaks;
 
+/// Runs each named test body, `fn name(relay: RelayKind) -> anyhow::Result<()>`, once per
+/// relay: it becomes a module `name` with the tests `kernel`, `adaptive` and `userspace`
+/// (so `cargo test name::kernel` picks one).
+#[macro_export]
+macro_rules! for_each_relay {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn kernel() -> ::anyhow::Result<()> {
+                super::$name($crate::mxlb::RelayKind::Kernel)
+            }
+            #[test]
+            fn adaptive() -> ::anyhow::Result<()> {
+                super::$name($crate::mxlb::RelayKind::Adaptive)
+            }
+            #[test]
+            fn userspace() -> ::anyhow::Result<()> {
+                super::$name($crate::mxlb::RelayKind::UserSpace)
+            }
+        }
+    )*};
+}
+
 /// Environment variable that keeps fixture directories instead of deleting them.
 pub const KEEP_DIRS_ENV: &str = "MXLB_KEEP_TEST_DIRS";
 

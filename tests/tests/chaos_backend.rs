@@ -16,7 +16,7 @@
 //!   the banner unread, and in the middle of a transfer.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -38,28 +38,7 @@ use mxlb_tests::postfix::{PostfixInstance, SmtpdService};
 use mxlb_tests::swaks::Swaks;
 use mxlb_tests::{free_addr, wait_until};
 
-/// Runs a test body once per relay.
-macro_rules! for_each_relay {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[test]
-            fn kernel() -> Result<()> {
-                super::$name(RelayKind::Kernel)
-            }
-            #[test]
-            fn adaptive() -> Result<()> {
-                super::$name(RelayKind::Adaptive)
-            }
-            #[test]
-            fn userspace() -> Result<()> {
-                super::$name(RelayKind::UserSpace)
-            }
-        }
-    )*};
-}
-
-for_each_relay!(
+mxlb_tests::for_each_relay!(
     postfix_killed_mid_data_gets_no_250,
     bad_backends_give_clients_a_close_then_go_down,
     rst_storm_leaves_nothing_behind,
@@ -69,14 +48,9 @@ for_each_relay!(
 const CHECK_KEYS: &str = "[listen.check]\ntype = \"smtp\"\nverb = \"EHLO\"\n\
     domain = \"lb.example.test\"\ninter = \"200ms\"\ntimeout = \"1s\"\nrise = 2\nfall = 2\n";
 
-/// A distinct client address per relay and step, so Postfix's log names the session.
+/// This file's block of client addresses (see `mxlb_tests::chaos::client_ip`).
 fn client_ip(relay: RelayKind, step: u8) -> IpAddr {
-    let relay = match relay {
-        RelayKind::Kernel => 1,
-        RelayKind::Adaptive => 2,
-        RelayKind::UserSpace => 3,
-    };
-    IpAddr::V4(Ipv4Addr::new(127, 0, 30 + relay, step))
+    mxlb_tests::chaos::client_ip(30, relay, step)
 }
 
 /// Which of `postfixes` serves the session from `ip`, and the smtpd pid serving it.

@@ -13,7 +13,7 @@
 //!   relay the daemon sees that activity only through the kernel's counters.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -31,41 +31,15 @@ use mxlb_tests::postfix::{PostfixInstance, SmtpdService};
 use mxlb_tests::swaks::Swaks;
 use mxlb_tests::{free_addr, is_listening, wait_until};
 
-/// Runs a test body once per relay.
-macro_rules! for_each_relay {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[test]
-            fn kernel() -> Result<()> {
-                super::$name(RelayKind::Kernel)
-            }
-            #[test]
-            fn adaptive() -> Result<()> {
-                super::$name(RelayKind::Adaptive)
-            }
-            #[test]
-            fn userspace() -> Result<()> {
-                super::$name(RelayKind::UserSpace)
-            }
-        }
-    )*};
-}
-
-for_each_relay!(
+mxlb_tests::for_each_relay!(
     sigkill_mid_data_then_restart_over_the_pins,
     sigterm_finishes_within_grace_and_cuts_the_rest,
     busy_transfer_outlives_timeout_idle,
 );
 
-/// A distinct client address per relay and step, so Postfix's log names the session.
+/// This file's block of client addresses (see `mxlb_tests::chaos::client_ip`).
 fn client_ip(relay: RelayKind, step: u8) -> IpAddr {
-    let relay = match relay {
-        RelayKind::Kernel => 1,
-        RelayKind::Adaptive => 2,
-        RelayKind::UserSpace => 3,
-    };
-    IpAddr::V4(Ipv4Addr::new(127, 0, 40 + relay, step))
+    mxlb_tests::chaos::client_ip(40, relay, step)
 }
 
 /// One Postfix smtpd (PROXY v1) and its server entry.

@@ -18,28 +18,7 @@ use mxlb_tests::mxlb::{Finished, Mxlb, RelayKind, ServerEntry, config, log_field
 const MIB: u64 = 1024 * 1024;
 const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Runs a test body once per relay.
-macro_rules! for_both_relays {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[test]
-            fn kernel() -> anyhow::Result<()> {
-                super::$name(RelayKind::Kernel)
-            }
-            #[test]
-            fn adaptive() -> anyhow::Result<()> {
-                super::$name(RelayKind::Adaptive)
-            }
-            #[test]
-            fn userspace() -> anyhow::Result<()> {
-                super::$name(RelayKind::UserSpace)
-            }
-        }
-    )*};
-}
-
-for_both_relays!(
+mxlb_tests::for_each_relay!(
     large_message_arrives_intact,
     server_half_closes_first,
     client_reset_closes_both_sides,
