@@ -9,6 +9,7 @@ mod build;
 mod build_ebpf;
 mod cmd;
 mod fuzz;
+mod package;
 mod run;
 mod setup;
 mod test;
@@ -72,6 +73,9 @@ enum Task {
         /// Only this target (proxy_header, smtp_reply, config, admin_api)
         target: Option<String>,
     },
+    /// Set up, build (release, with the eBPF object), then the Debian package with its
+    /// systemd unit (cargo-deb, installed when missing): target/debian/mxlb_*.deb
+    Package,
 }
 
 fn main() -> ExitCode {
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test::run(&args),
         Task::Bench { quick, only } => bench::run(quick, only.as_deref()),
         Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
+        Task::Package => package::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
