@@ -147,6 +147,18 @@ pub fn connect_from(
     Ok(socket.into())
 }
 
+/// The highest port of `ports` (below 1024, for binds that need CAP_NET_BIND_SERVICE)
+/// that nothing listens on. Not reserved like [`free_port`]: tests that look for one at
+/// the same time use ranges of their own.
+pub fn free_low_port(ports: std::ops::Range<u16>) -> Result<u16> {
+    for port in ports.clone().rev() {
+        if !port_in_use(port)? {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in {ports:?}")
+}
+
 /// `127.0.0.1:<free port>`, see [`free_port`].
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))

@@ -219,20 +219,37 @@ impl Mxlb {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let config_path = dir.path().join("mxlb.toml");
         std::fs::write(&config_path, with_test_user(config_text))?;
-        let mut child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .arg("run")
             .arg("--config")
             .arg(&config_path)
-            .env(
+            .envs(env.iter().copied());
+        Self::spawn(command, dir, listen, pin_path)
+    }
+
+    /// Starts the daemon with `command`, which must become `mxlb run --config
+    /// <dir>/mxlb.toml` in the same process (a wrapper such as `setpriv` that execs it), and
+    /// waits until it is ready and accepts on `listen`. `dir` lives as long as the daemon.
+    pub fn spawn(
+        mut command: Command,
+        dir: tempfile::TempDir,
+        listen: SocketAddr,
+        pin_path: &Path,
+    ) -> anyhow::Result<Mxlb> {
+        // The caller's RUST_LOG (fault injection may set one) wins over the tests' default.
+        if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            command.env(
                 "RUST_LOG",
                 std::env::var("MXLB_TEST_LOG").unwrap_or_else(|_| "info,mxlb=debug".to_owned()),
-            )
-            .envs(env.iter().copied())
+            );
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", binary().display()))?;
+            .with_context(|| format!("starting {command:?}"))?;
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().context("no stderr")?;
         let sink = log.clone();

@@ -15,11 +15,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use mxlb_tests::backend::{Backend, Digest256, digest_until_eof, pattern_digest, read_line};
 use mxlb_tests::backend::{send_pattern, send_pattern_and_finish};
+use mxlb_tests::free_addr;
 use mxlb_tests::mxlb::{Finished, Mxlb, RelayKind, ServerEntry, config, pin_path};
-use mxlb_tests::{free_addr, port_in_use};
 
 const MIB: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -248,12 +248,7 @@ fn relay_checked(
 
 /// A free port below 1024 on 127.0.0.1, for the reload that needs CAP_NET_BIND_SERVICE.
 fn free_low_port() -> Result<u16> {
-    for port in (600..1000).rev() {
-        if !port_in_use(port)? {
-            return Ok(port);
-        }
-    }
-    bail!("no free port between 600 and 999")
+    mxlb_tests::free_low_port(600..1000)
 }
 
 fn config_as(
