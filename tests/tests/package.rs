@@ -110,7 +110,10 @@ fn getent(database: &str) -> Result<Option<Vec<String>>> {
 /// The test installs and purges a package on this machine: only where nothing of mxlb is.
 fn ensure_machine_is_clean() -> Result<()> {
     if let Some(status) = package_status()? {
-        bail!("the mxlb package is already on this machine ({status}): the test would replace it");
+        bail!(
+            "the mxlb package is already on this machine ({status}): the test would replace \
+             it (a test run that was killed leaves it: `dpkg --purge mxlb`)"
+        );
     }
     for path in [BINARY, "/etc/mxlb", UNIT] {
         ensure!(
