@@ -23,6 +23,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod health;
+pub mod import_haproxy;
 pub mod limits;
 pub mod listeners;
 pub mod logging;

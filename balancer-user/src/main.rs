@@ -39,6 +39,12 @@ enum Command {
     /// Administer servers of a running daemon.
     #[command(subcommand)]
     Server(ServerCommand),
+    /// Convert an HAProxy `mode tcp` configuration: mxlb TOML on stdout, the lines it
+    /// could not map on stderr (`file:line: text: why`).
+    ImportHaproxy {
+        /// The haproxy.cfg to convert.
+        path: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -144,6 +150,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_RUNTIME)
             }
         },
+        Command::ImportHaproxy { path } => import_haproxy(&path),
         Command::Demo => match mxlb::demo::config() {
             Ok(config) => run_daemon(config, None, None, true),
             Err(error) => {
@@ -151,6 +158,27 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+    }
+}
+
+/// Prints the converted configuration and the unmapped lines; exit 0 even with unmapped
+/// lines, 2 when the file cannot be read or nothing in it can be balanced.
+fn import_haproxy(path: &std::path::Path) -> ExitCode {
+    match mxlb::import_haproxy::import_file(path) {
+        Ok(conversion) => {
+            for unmapped in &conversion.unmapped {
+                eprintln!("{unmapped}");
+            }
+            print!("{}", conversion.toml);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            for unmapped in error.unmapped() {
+                eprintln!("{unmapped}");
+            }
+            eprintln!("mxlb: {error}");
+            ExitCode::from(error.exit_code())
+        }
     }
 }
 
