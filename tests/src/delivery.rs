@@ -23,6 +23,50 @@ pub struct Delivery {
     pub outcome: SwaksOutcome,
 }
 
+/// What a Postfix instance had delivered and logged before a check: a second balancer can
+/// be checked on the same backends, counting only what came after.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Baseline {
+    messages: usize,
+    connects: usize,
+    disconnects: usize,
+    warnings: usize,
+}
+
+impl Baseline {
+    /// The instance's counts now.
+    pub fn of(postfix: &PostfixInstance) -> Result<Baseline> {
+        Ok(Baseline {
+            messages: postfix.messages()?.len(),
+            connects: postfix.connects().len(),
+            disconnects: postfix.disconnects().len(),
+            warnings: postfix.warnings().len(),
+        })
+    }
+}
+
+/// Waits until a health check from `balancer_ip` that started from now on has finished on
+/// each of `postfix`'s two services: balancers start their servers UP, before any check.
+pub fn wait_for_checks(postfix: &PostfixInstance, balancer_ip: IpAddr) -> Result<()> {
+    let before = postfix.disconnects().len();
+    wait_until(
+        "a finished health check on each backend",
+        Duration::from_secs(10),
+        Duration::from_millis(25),
+        || {
+            let checked: BTreeSet<String> = postfix
+                .disconnects()
+                .split_off(before)
+                .into_iter()
+                .filter(|(_, ip)| *ip == balancer_ip)
+                .map(|(service, _)| service)
+                .collect();
+            Ok((checked.len() == 2).then_some(()))
+        },
+    )
+    .with_context(|| postfix.maillog())
+}
+
 /// Sends one message from each of 127.0.0.`octets` through `balancer` and checks delivery
 /// on `postfix`'s two services. `balancer_ip` is the balancer's own address (health-check
 /// sessions come from it); `checks` says whether such sessions are expected.
@@ -32,6 +76,20 @@ pub fn send_round_robin(
     octets: std::ops::RangeInclusive<u8>,
     balancer_ip: IpAddr,
     checks: bool,
+) -> Result<Vec<Delivery>> {
+    let since = Baseline::default();
+    send_round_robin_since(balancer, postfix, octets, balancer_ip, checks, since)
+}
+
+/// [`send_round_robin`] on a Postfix instance that served before: only what came after
+/// `since` counts.
+pub fn send_round_robin_since(
+    balancer: SocketAddr,
+    postfix: &PostfixInstance,
+    octets: std::ops::RangeInclusive<u8>,
+    balancer_ip: IpAddr,
+    checks: bool,
+    since: Baseline,
 ) -> Result<Vec<Delivery>> {
     let mut sent = Vec::new();
     for (i, octet) in octets.enumerate() {
@@ -49,12 +107,13 @@ pub fn send_round_robin(
         sent.push((subject, client, outcome));
     }
 
-    let delivered = postfix.wait_for_messages(sent.len(), Duration::from_secs(20))?;
+    let expected_total = since.messages + sent.len();
+    let delivered = postfix.wait_for_messages(expected_total, Duration::from_secs(20))?;
     ensure!(
-        delivered.len() == sent.len(),
+        delivered.len() == expected_total,
         "expected {} messages, got {}",
         sent.len(),
-        delivered.len()
+        delivered.len() - since.messages
     );
 
     // Every message arrived intact, from its true client, at the backend whose banner the
@@ -126,10 +185,13 @@ pub fn send_round_robin(
         "all client sessions logged as finished",
         Duration::from_secs(10),
         Duration::from_millis(25),
-        || Ok((client_sessions(postfix.disconnects()).len() >= deliveries.len()).then_some(())),
+        || {
+            let disconnects = postfix.disconnects().split_off(since.disconnects);
+            Ok((client_sessions(disconnects).len() >= deliveries.len()).then_some(()))
+        },
     )
     .with_context(|| postfix.maillog())?;
-    let connects = postfix.connects();
+    let connects = postfix.connects().split_off(since.connects);
     let clients = client_sessions(connects.clone());
     ensure!(
         clients.len() == deliveries.len()
@@ -150,7 +212,7 @@ pub fn send_round_robin(
     }
 
     // No PROXY trouble, and in fact no trouble at all.
-    let warnings = postfix.warnings();
+    let warnings = postfix.warnings().split_off(since.warnings);
     ensure!(
         warnings.is_empty(),
         "Postfix logged problems:\n{}",

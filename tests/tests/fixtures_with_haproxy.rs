@@ -4,15 +4,14 @@
 //!
 //! It also proves the fixtures (Postfix, swaks, HAProxy) work end to end.
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use mxlb_tests::delivery::send_round_robin;
+use anyhow::Result;
+use mxlb_tests::delivery::{send_round_robin, wait_for_checks};
+use mxlb_tests::free_addr;
 use mxlb_tests::haproxy::{Haproxy, HaproxyConfig, SendProxy};
 use mxlb_tests::postfix::{PostfixInstance, SmtpdService};
-use mxlb_tests::{free_addr, wait_until};
 
 /// Clients 127.0.0.11 ..= 127.0.0.16, one message each.
 const CLIENT_OCTETS: std::ops::RangeInclusive<u8> = 11..=16;
@@ -47,22 +46,7 @@ fn round_robin_through_haproxy(smtpchk: bool) -> Result<()> {
     let haproxy = Haproxy::start(config)?;
     if smtpchk {
         haproxy.wait_servers_up(Duration::from_secs(10))?;
-        // Servers start out UP; wait until a check has really reached each backend.
-        wait_until(
-            "a finished health check on each backend",
-            Duration::from_secs(10),
-            Duration::from_millis(25),
-            || {
-                let checked: BTreeSet<String> = postfix
-                    .disconnects()
-                    .into_iter()
-                    .filter(|(_, ip)| *ip == BALANCER_IP)
-                    .map(|(service, _)| service)
-                    .collect();
-                Ok((checked.len() == 2).then_some(()))
-            },
-        )
-        .with_context(|| postfix.maillog())?;
+        wait_for_checks(&postfix, BALANCER_IP)?;
     }
 
     // One message from each of 127.0.0.11..=16: intact, alternating, true client
