@@ -89,6 +89,9 @@ pub struct Global {
     /// The user (and group) the daemon becomes once it has loaded the kernel relay and
     /// bound its sockets; `None` (the default) stays root.
     pub user: Option<RunAs>,
+    /// The unix socket on which the daemon hands its listening sockets to `mxlb upgrade`
+    /// ([`crate::upgrade`]); `None` (the default) allows no upgrade in place.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl Global {
@@ -116,6 +119,7 @@ impl Default for Global {
             kernel_relay_after: DEFAULT_KERNEL_RELAY_AFTER,
             threads: 0,
             user: None,
+            upgrade_socket: None,
         }
     }
 }
@@ -500,6 +504,7 @@ struct RawGlobal {
     threads: Option<Spanned<u32>>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
+    upgrade_socket: Option<Spanned<PathBuf>>,
 }
 
 impl RawGlobal {
@@ -522,6 +527,7 @@ impl RawGlobal {
                 .map_or(defaults.kernel_relay_after, |size| size.into_inner().0),
             threads: bounded(self.threads, defaults.threads, 0..=1024, "threads")?,
             user: run_as(self.user, self.group)?,
+            upgrade_socket: self.upgrade_socket.map(socket_path).transpose()?,
         })
     }
 }
@@ -870,6 +876,26 @@ fn nonzero(
     }
 }
 
+/// `global.upgrade_socket`: an absolute path (the daemon and `mxlb upgrade` may start in
+/// different directories) that fits a unix socket address (107 bytes on Linux).
+fn socket_path(path: Spanned<PathBuf>) -> Validated<PathBuf> {
+    const SUN_PATH_MAX: usize = 107;
+    let span = path.span();
+    let path = path.into_inner();
+    if !path.is_absolute() || path.file_name().is_none() {
+        return invalid(span, "upgrade_socket must be an absolute path to a file");
+    }
+    if path.as_os_str().len() > SUN_PATH_MAX {
+        return invalid(
+            span,
+            format!(
+                "upgrade_socket is longer than the {SUN_PATH_MAX} bytes of a unix socket address"
+            ),
+        );
+    }
+    Ok(path)
+}
+
 fn is_visible_ascii(text: &str) -> bool {
     !text.is_empty() && text.bytes().all(|b| b.is_ascii_graphic())
 }
@@ -1157,6 +1183,7 @@ addr = "127.0.0.1:10025"
                 kernel_relay_after: 32 << 10,
                 threads: 0,
                 user: None,
+                upgrade_socket: None,
             },
             stats: Some(Stats {
                 bind: addr("127.0.0.1:8404"),
@@ -1377,6 +1404,30 @@ addr = "127.0.0.1:10025"
         assert_eq!(HumanSize::display(4 << 20), "4 MiB");
         assert_eq!(HumanSize::display(1000), "1000 bytes");
         assert_eq!(HumanSize::display(0), "0 bytes");
+    }
+
+    #[test]
+    fn upgrade_socket_is_an_absolute_path_that_fits_a_socket_address() {
+        let config = parse(&format!(
+            "[global]\nupgrade_socket = \"/run/mxlb/upgrade.sock\"\n{MINIMAL}"
+        ))
+        .expect("parses");
+        assert_eq!(
+            config.global.upgrade_socket,
+            Some(PathBuf::from("/run/mxlb/upgrade.sock"))
+        );
+        assert_eq!(parse(MINIMAL).expect("parses").global.upgrade_socket, None);
+        assert_error(
+            &format!("[global]\nupgrade_socket = \"upgrade.sock\"\n{MINIMAL}"),
+            "mxlb.toml:2:18:",
+            "upgrade_socket must be an absolute path",
+        );
+        let long = format!("/run/{}/upgrade.sock", "x".repeat(100));
+        assert_error(
+            &format!("[global]\nupgrade_socket = \"{long}\"\n{MINIMAL}"),
+            "mxlb.toml:2:18:",
+            "longer than the 107 bytes",
+        );
     }
 
     #[test]

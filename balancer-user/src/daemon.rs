@@ -7,6 +7,7 @@
 //! signals.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,6 +15,7 @@ use std::time::Instant;
 use anyhow::Context;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -26,14 +28,23 @@ use crate::relay::Relay;
 use crate::reload::{ReloadCounters, Reloader};
 use crate::session::Frontend;
 use crate::stats::{AdminError, AdminState, StatsSnapshot, StatsSource};
+use crate::upgrade::{self, Inherited, Successor, UpgradeSocket, wire::Role};
 
 /// Descriptors the daemon needs beside its connections (listeners, maps, epoll, stats).
 const FD_RESERVE: u64 = 256;
 
-/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads `config_path` (`None`: the
-/// configuration is built in, as for `mxlb demo`).
-pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM or SIGINT, or until a daemon started with `mxlb upgrade`
+/// has taken its sockets over ([`crate::upgrade`]); SIGHUP reloads `config_path` (`None`:
+/// the configuration is built in, as for `mxlb demo`). `take_over`: this daemon is that
+/// new one, and serves on the sockets of the daemon at `global.upgrade_socket`.
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    take_over: bool,
+) -> anyhow::Result<()> {
     raise_fd_limit(config.global.maxconn);
+    // Before the relay loads: a failed take-over leaves the running daemon's pins alone.
+    let mut inherited = inherit_sockets(&config, take_over)?;
     let relay = Relay::start(
         config.global.relay,
         &config.global.pin_path,
@@ -50,10 +61,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         connections.clone(),
         sessions.clone(),
         stop.clone(),
+        inherited.as_mut(),
     )?;
     let mut reloader = Reloader::new(config_path, config);
 
     let mut stats_port = None;
+    let mut stats_socket = None;
     if let Some(stats) = &reloader.running().stats {
         let source = Arc::new(DaemonStats {
             started: Instant::now(),
@@ -62,9 +75,15 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
             frontends: listeners.watch(),
             reloads: reloader.counters.clone(),
         });
-        let socket = tokio::net::TcpListener::bind(stats.bind)
-            .await
-            .with_context(|| format!("stats: binding {}", stats.bind))?;
+        let socket = match inherited.as_mut().and_then(|i| i.take_stats(stats.bind)) {
+            Some(socket) => tokio::net::TcpListener::from_std(socket)
+                .context("stats: serving the socket taken over")?,
+            None => tokio::net::TcpListener::bind(stats.bind)
+                .await
+                .with_context(|| format!("stats: binding {}", stats.bind))?,
+        };
+        // A copy for a successor: the stats thread owns the socket itself.
+        stats_socket = Some((stats.bind, socket.as_fd().try_clone_to_owned()?));
         let limits = crate::stats::Limits {
             maxconn: stats.maxconn,
             timeout: stats.timeout,
@@ -85,6 +104,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
             counters,
         });
     }
+    // Bound while still root: the socket is root's alone (its directory too).
+    let upgrade_socket = match &reloader.running().global.upgrade_socket {
+        Some(path) => Some(UpgradeSocket::bind(path).context("global.upgrade_socket")?),
+        None => None,
+    };
 
     // Loaded, pinned and bound: from here on the daemon needs almost nothing of root.
     if let Some(run_as) = &reloader.running().global.user {
@@ -102,22 +126,67 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
 
     let mut signals = Signals::install()?;
     let systemd = Notifier::from_env();
+    if let Some(inherited) = inherited {
+        // The old daemon stops accepting now: the sockets are served here already.
+        inherited.finish();
+    }
     // Everything is bound and every descriptor the idle daemon keeps is open: tests and
     // supervisors wait for this line (systemd for the READY=1).
     info!(pid = std::process::id(), "ready");
     systemd.ready("serving");
-    while let Wanted::Reload = signals.next().await {
-        systemd.reloading();
-        let outcome = reloader.reload(&mut listeners, &connections, &relay);
-        systemd.ready(outcome);
-    }
-    systemd.stopping();
+    let mut handing_over: Option<JoinHandle<anyhow::Result<Successor>>> = None;
+    let ended = loop {
+        tokio::select! {
+            wanted = signals.next() => match wanted {
+                Wanted::Reload => {
+                    systemd.reloading();
+                    let outcome = reloader.reload(&mut listeners, &connections, &relay);
+                    systemd.ready(outcome);
+                }
+                Wanted::Stop => break Ended::Stopped,
+            },
+            request = upgrade_request(upgrade_socket.as_ref()), if handing_over.is_none() => {
+                let sockets = sockets_to_hand_over(&listeners, stats_socket.as_ref());
+                match sockets {
+                    Ok(sockets) => {
+                        handing_over = Some(tokio::spawn(upgrade::hand_over(request, sockets)));
+                    }
+                    Err(error) => warn!(%error, "upgrade refused: cannot copy the listening sockets"),
+                }
+            },
+            handed = wait_for(&mut handing_over), if handing_over.is_some() => {
+                handing_over = None;
+                match handed {
+                    Ok(Ok(successor)) => break Ended::HandedOver(successor),
+                    Ok(Err(error)) => warn!("upgrade failed, serving on: {error:#}"),
+                    Err(error) => warn!(%error, "upgrade failed, serving on"),
+                }
+            },
+        }
+    };
+    // Nothing more to hand over: the stats port closes with the stats thread, and a daemon
+    // started now with `mxlb run` may take the upgrade socket's path (after a hand-over the
+    // successor's socket is there, and dropping ours leaves it alone).
+    drop(stats_socket);
+    drop(upgrade_socket);
     let grace = reloader.running().global.grace;
-    info!(
-        sessions = sessions.len(),
-        grace = %humantime::format_duration(grace),
-        "stopping: no new connections; letting relays finish"
-    );
+    match ended {
+        Ended::Stopped => {
+            systemd.stopping();
+            info!(
+                sessions = sessions.len(),
+                grace = %humantime::format_duration(grace),
+                "stopping: no new connections; letting relays finish"
+            );
+        }
+        // The service goes on in the successor: systemd hears from it, not of a stop.
+        Ended::HandedOver(successor) => info!(
+            successor = ?successor.pid,
+            sessions = sessions.len(),
+            grace = %humantime::format_duration(grace),
+            "upgrade: handed over; no new connections here, letting relays finish"
+        ),
+    }
     listeners.stop_accepting().await;
     stop.cancel();
     sessions.close();
@@ -136,6 +205,65 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     drop(relay);
     info!("stopped");
     Ok(())
+}
+
+/// How the serving loop ended.
+enum Ended {
+    /// SIGTERM or SIGINT.
+    Stopped,
+    /// A new daemon serves on this one's sockets.
+    HandedOver(Successor),
+}
+
+/// The sockets of the daemon serving at `global.upgrade_socket`, when this one is to take
+/// over from it; otherwise makes sure no daemon serves there (this one would take the path
+/// from it).
+fn inherit_sockets(config: &Config, take_over: bool) -> anyhow::Result<Option<Inherited>> {
+    let path = config.global.upgrade_socket.as_deref();
+    if !take_over {
+        if let Some(path) = path {
+            upgrade::refuse_if_served(path)?;
+        }
+        return Ok(None);
+    }
+    let path = path.context(
+        "`mxlb upgrade` takes the sockets over through global.upgrade_socket, which the \
+         configuration does not set",
+    )?;
+    upgrade::take_over(path).map(Some)
+}
+
+/// The next upgrade request, or never without an upgrade socket.
+async fn upgrade_request(socket: Option<&UpgradeSocket>) -> tokio::net::UnixStream {
+    match socket {
+        Some(socket) => socket.next_request().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome of the hand-over under way (the caller polls only when there is one).
+async fn wait_for<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Copies of every listening socket (the client listeners and the stats port), each with
+/// what it is for.
+fn sockets_to_hand_over(
+    listeners: &Listeners,
+    stats: Option<&(std::net::SocketAddr, OwnedFd)>,
+) -> io::Result<Vec<(Role, OwnedFd)>> {
+    let mut sockets: Vec<(Role, OwnedFd)> = listeners
+        .listening_sockets()?
+        .into_iter()
+        .map(|(addr, fd)| (Role::Listener(addr), fd))
+        .collect();
+    if let Some((addr, fd)) = stats {
+        sockets.push((Role::Stats(*addr), fd.try_clone()?));
+    }
+    Ok(sockets)
 }
 
 /// Raises the soft limit on open files to the hard limit: each client costs two

@@ -39,4 +39,5 @@ pub mod sockopt;
 pub mod stats;
 #[cfg(test)]
 mod test_support;
+pub mod upgrade;
 pub mod upstreams;

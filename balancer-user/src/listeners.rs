@@ -12,6 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -28,6 +29,7 @@ use crate::limits::Gauge;
 use crate::pool::{ServerRuntime, same_server};
 use crate::relay::Relay;
 use crate::session::Frontend;
+use crate::upgrade::Inherited;
 
 /// Every listener of the running configuration.
 pub struct Listeners {
@@ -65,15 +67,20 @@ pub struct Changes {
 }
 
 impl Listeners {
-    /// Binds every listener's addresses and starts serving them.
+    /// Binds every listener's addresses and starts serving them. Addresses `inherited`
+    /// holds (an upgrade: the running daemon's sockets) are served on those sockets, with
+    /// their accept queues, rather than bound anew.
     pub fn start(
         listeners: &[Listener],
         relay: Relay,
         connections: Arc<Gauge>,
         sessions: TaskTracker,
         stop: CancellationToken,
+        mut inherited: Option<&mut Inherited>,
     ) -> anyhow::Result<Listeners> {
-        let sockets = bind_new(listeners, &HashMap::new())?;
+        let sockets = bind_new(listeners, &HashMap::new(), &mut |addr| {
+            inherited.as_mut()?.take_listener(addr)
+        })?;
         for listener in listeners {
             for addr in &listener.bind {
                 info!(listener = %listener.name, %addr, servers = listener.servers.len(), "listening");
@@ -122,7 +129,7 @@ impl Listeners {
     /// Replaces the running listeners with `listeners`. On an error (an address that
     /// cannot be bound) nothing has changed.
     pub fn reload(&mut self, listeners: &[Listener]) -> anyhow::Result<Changes> {
-        let fresh = bind_new(listeners, &self.sockets)?;
+        let fresh = bind_new(listeners, &self.sockets, &mut |_| None)?;
         let mut changes = Changes::default();
         let frontends = self.next_frontends(listeners, &mut changes);
         self.keep_wanted_sockets(listeners, fresh, &mut changes);
@@ -224,6 +231,15 @@ impl Listeners {
         }
     }
 
+    /// Copies of the listening sockets, each with its address, for a daemon taking over
+    /// ([`crate::upgrade`]).
+    pub fn listening_sockets(&self) -> std::io::Result<Vec<(SocketAddr, OwnedFd)>> {
+        self.sockets
+            .iter()
+            .map(|(addr, socket)| Ok((*addr, socket.as_fd().try_clone_to_owned()?)))
+            .collect()
+    }
+
     /// Stops accepting on every listener and waits until every accept loop has ended.
     pub async fn stop_accepting(&mut self) {
         self.generation.token.cancel();
@@ -234,11 +250,13 @@ impl Listeners {
     }
 }
 
-/// Binds the addresses of `listeners` that `bound` does not hold yet. All or nothing: on
-/// an error the sockets bound so far are closed again.
+/// Binds the addresses of `listeners` that `bound` does not hold yet, or takes the socket
+/// `adopt` has for one. All or nothing: on an error the sockets bound so far are closed
+/// again.
 fn bind_new(
     listeners: &[Listener],
     bound: &HashMap<SocketAddr, Arc<TcpListener>>,
+    adopt: &mut dyn FnMut(SocketAddr) -> Option<std::net::TcpListener>,
 ) -> anyhow::Result<HashMap<SocketAddr, Arc<TcpListener>>> {
     let mut fresh = HashMap::new();
     for listener in listeners {
@@ -246,12 +264,28 @@ fn bind_new(
             if bound.contains_key(&addr) || fresh.contains_key(&addr) {
                 continue;
             }
-            let socket = bind(addr, listen_backlog(listener.maxconn))
-                .with_context(|| format!("listener {}: binding {addr}", listener.name))?;
+            let backlog = listen_backlog(listener.maxconn);
+            let socket = match adopt(addr) {
+                Some(socket) => {
+                    info!(listener = %listener.name, %addr, "serving the socket taken over");
+                    adopted(socket, backlog)
+                }
+                None => bind(addr, backlog),
+            }
+            .with_context(|| format!("listener {}: binding {addr}", listener.name))?;
             fresh.insert(addr, Arc::new(socket));
         }
     }
     Ok(fresh)
+}
+
+/// A listening socket taken over, with this configuration's accept queue size (the
+/// connections already queued stay queued).
+fn adopted(socket: std::net::TcpListener, backlog: u32) -> std::io::Result<TcpListener> {
+    socket.set_nonblocking(true)?;
+    let socket = TcpListener::from_std(socket)?;
+    set_backlog(&socket, backlog)?;
+    Ok(socket)
 }
 
 impl Changes {

@@ -23,6 +23,15 @@ enum Command {
         #[arg(long, default_value = "/etc/mxlb/mxlb.toml")]
         config: PathBuf,
     },
+    /// Take over from the running daemon without refusing a connection: start a new daemon
+    /// (this binary, this configuration) on the listening sockets of the one serving at
+    /// `global.upgrade_socket`; the old one stops accepting and exits once its sessions
+    /// have finished (within `global.grace`). Run as root, like `mxlb run`.
+    Upgrade {
+        /// Configuration file.
+        #[arg(long, default_value = "/etc/mxlb/mxlb.toml")]
+        config: PathBuf,
+    },
     /// Run the built-in demo: two PROXY-speaking backends behind 127.0.0.1:2525.
     Demo,
     /// Validate a configuration file: exit 0, or 2 with `file:line:col: message`.
@@ -112,16 +121,8 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => match Config::load(&config) {
-            Ok(loaded) => {
-                let exposure = mxlb::secret_file::token_exposure(&config, &loaded);
-                run_daemon(loaded, Some(config), exposure, false)
-            }
-            Err(error) => {
-                eprintln!("{error}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::Run { config } => start_daemon(config, Start::Run),
+        Command::Upgrade { config } => start_daemon(config, Start::Upgrade),
         Command::Status { stats } => match mxlb::control::fetch(&stats) {
             Ok(snapshot) => {
                 print!("{}", mxlb::control::render_table(&snapshot));
@@ -152,7 +153,7 @@ fn main() -> ExitCode {
         },
         Command::ImportHaproxy { path } => import_haproxy(&path),
         Command::Demo => match mxlb::demo::config() {
-            Ok(config) => run_daemon(config, None, None, true),
+            Ok(config) => run_daemon(config, None, None, Start::Demo),
             Err(error) => {
                 eprintln!("{error:#}");
                 ExitCode::from(EXIT_CONFIG)
@@ -182,13 +183,46 @@ fn import_haproxy(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// How a daemon starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// `mxlb run`: binds its sockets.
+    Run,
+    /// `mxlb upgrade`: takes the running daemon's sockets over.
+    Upgrade,
+    /// `mxlb demo`: binds its sockets and starts its own backends first.
+    Demo,
+}
+
+/// Loads `config` and runs the daemon on it; exit 2 when the configuration is invalid.
+fn start_daemon(config: PathBuf, start: Start) -> ExitCode {
+    match Config::load(&config) {
+        Ok(loaded) => {
+            if start == Start::Upgrade && loaded.global.upgrade_socket.is_none() {
+                eprintln!(
+                    "{}: global.upgrade_socket is not set: there is no running daemon to \
+                     take over from (set it, then restart once with `mxlb run`)",
+                    config.display()
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let exposure = mxlb::secret_file::token_exposure(&config, &loaded);
+            run_daemon(loaded, Some(config), exposure, start)
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
 /// Runs the daemon; SIGHUP reloads `config_path` (`None` for the demo's built-in one).
 /// `warning` is logged once logging is set up.
 fn run_daemon(
     config: Config,
     config_path: Option<PathBuf>,
     warning: Option<String>,
-    demo: bool,
+    start: Start,
 ) -> ExitCode {
     mxlb::logging::init(config.global.log_format);
     if let Some(warning) = warning {
@@ -202,7 +236,7 @@ fn run_daemon(
         }
     };
     let result = runtime.block_on(async {
-        if demo {
+        if start == Start::Demo {
             mxlb::demo::start_backends(&config).await?;
             if let Some(addr) = mxlb::demo::listen_addr(&config) {
                 tracing::info!(
@@ -210,7 +244,7 @@ fn run_daemon(
                 );
             }
         }
-        mxlb::daemon::run(config, config_path).await
+        mxlb::daemon::run(config, config_path, start == Start::Upgrade).await
     });
     // Dropping the runtime ends the remaining sessions and unpins the kernel relay.
     drop(runtime);

@@ -136,6 +136,11 @@ pub fn restart_only_changes(running: &Global, next: &Global) -> Vec<&'static str
     check("global.threads", running.threads != next.threads);
     // Root, once given up, cannot be had back.
     check("global.user", running.user != next.user);
+    // The running daemon listens there; `mxlb upgrade` is how a new path takes effect.
+    check(
+        "global.upgrade_socket",
+        running.upgrade_socket != next.upgrade_socket,
+    );
     changed
 }
 
@@ -171,11 +176,17 @@ mod tests {
             relay: RelayMode::Sockmap,
             log_format: LogFormat::Json,
             max_inflight: 1 << 20,
+            upgrade_socket: Some("/run/mxlb/upgrade.sock".into()),
             ..Global::default()
         };
         assert_eq!(
             restart_only_changes(&running, &restart),
-            ["global.relay", "global.log_format", "global.max_inflight"]
+            [
+                "global.relay",
+                "global.log_format",
+                "global.max_inflight",
+                "global.upgrade_socket"
+            ]
         );
     }
 

@@ -229,7 +229,7 @@ impl Mxlb {
     }
 
     /// Starts the daemon with `command`, which must become `mxlb run --config
-    /// <dir>/mxlb.toml` in the same process (a wrapper such as `setpriv` that execs it), and
+    /// <dir>/mxlb.toml` (or `mxlb upgrade`) in the same process (a wrapper such as `setpriv` that execs it), and
     /// waits until it is ready and accepts on `listen`. `dir` lives as long as the daemon.
     pub fn spawn(
         mut command: Command,
@@ -282,6 +282,36 @@ impl Mxlb {
         // No probe connection: it would be a session on the backends too (see `is_listening`).
         crate::wait_for_listen(&[listen], Duration::from_secs(5))?;
         Ok(mxlb)
+    }
+
+    /// `mxlb upgrade` with this daemon's configuration (which must set
+    /// `global.upgrade_socket`): a new daemon that takes this one's listening sockets over.
+    /// Returns once the new one is ready; this one then drains and exits by itself.
+    pub fn upgrade(&self) -> anyhow::Result<Mxlb> {
+        let dir = tempfile::tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let config_path = dir.path().join("mxlb.toml");
+        std::fs::copy(self.config_path(), &config_path)?;
+        let mut command = Command::new(binary());
+        command.arg("upgrade").arg("--config").arg(&config_path);
+        Self::spawn(command, dir, self.listen, &self.pin_path)
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself (after an upgrade took its
+    /// sockets); fails if it does not, or if it counted an integrity error.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                bail!("mxlb did not exit within {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.ensure_no_integrity_errors()?;
+        Ok(status)
     }
 
     /// Everything the daemon logged so far.
@@ -464,13 +494,18 @@ impl Mxlb {
     pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
         self.terminate();
         let status = self.child.wait()?;
+        self.ensure_no_integrity_errors()?;
+        Ok(status)
+    }
+
+    fn ensure_no_integrity_errors(&self) -> anyhow::Result<()> {
         let errors = self.integrity_errors();
         anyhow::ensure!(
             errors.is_empty(),
             "mxlb counted integrity errors:\n{}",
             errors.join("\n")
         );
-        Ok(status)
+        Ok(())
     }
 
     /// The log lines of failed byte conservation checks (the daemon logs one per

@@ -46,7 +46,7 @@ use hyper::service::{Service as _, service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -331,7 +331,10 @@ impl Deadline {
 }
 
 /// Serves one connection until the client closes it, its deadline passes, or the stop
-/// (then in-flight requests finish and the connection closes).
+/// (then in-flight requests finish and the connection closes). A connection that has not
+/// sent its first request when the stop comes gets it answered first (within its
+/// deadline): on an upgrade the new daemon serves the port already, and a client whose
+/// connection the old one had just accepted must not see it closed unanswered.
 fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -342,12 +345,15 @@ fn connection(
     open: Open,
 ) -> impl Future<Output = ()> + Send + 'static {
     let deadline = Arc::new(Deadline::new(timeout));
+    let first_request = Arc::new(Notify::new());
     let service = {
         let deadline = deadline.clone();
+        let first_request = first_request.clone();
         let router = TowerToHyperService::new(router);
         service_fn(move |mut request: hyper::Request<Incoming>| {
             // The headers are in: the body and the answer have `timeout` from here.
             deadline.extend();
+            first_request.notify_one();
             request.extensions_mut().insert(ConnectInfo(peer));
             router.call(request)
         })
@@ -356,6 +362,7 @@ fn connection(
     let stop = stop.clone();
     async move {
         tokio::pin!(conn);
+        let mut requested = false;
         let mut stopping = false;
         loop {
             let due = deadline.get();
@@ -369,9 +376,17 @@ fn connection(
                     }
                     return;
                 }
+                () = first_request.notified(), if !requested => {
+                    requested = true;
+                    if stopping {
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
                 () = stop.cancelled(), if !stopping => {
                     stopping = true;
-                    conn.as_mut().graceful_shutdown();
+                    if requested {
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
                 () = tokio::time::sleep_until(due) => {
                     // A request that arrived meanwhile moved the deadline: wait for that.
