@@ -9,7 +9,7 @@ use mxlb::stats::AdminState;
 
 /// mxlb: a load balancer for inbound SMTP that relays mail in the kernel.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_long_help = MANUAL)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,15 +18,24 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon.
+    ///
+    /// Starts as root: loads the kernel relay (global.relay = sockmap or auto) and pins it
+    /// under global.pin_path, binds every listener and the stats port, then becomes
+    /// global.user if set. Logs to stderr; "ready" (and sd_notify READY=1) once it serves.
+    /// SIGHUP reloads the file in place, SIGTERM or SIGINT stop accepting and let
+    /// sessions finish within global.grace.
     Run {
         /// Configuration file.
         #[arg(long, default_value = "/etc/mxlb/mxlb.toml")]
         config: PathBuf,
     },
-    /// Take over from the running daemon without refusing a connection: start a new daemon
-    /// (this binary, this configuration) on the listening sockets of the one serving at
-    /// `global.upgrade_socket`; the old one stops accepting and exits once its sessions
-    /// have finished (within `global.grace`). Run as root, like `mxlb run`.
+    /// Replace the running daemon without refusing a connection.
+    ///
+    /// Starts a new daemon (this binary, this configuration) on the listening sockets of
+    /// the one serving at global.upgrade_socket, which then stops accepting and exits once
+    /// its sessions have finished (within global.grace). Run as root, like `mxlb run`;
+    /// this process becomes the daemon. Exit 1 if no daemon serves there (nothing is
+    /// bound), 2 if the configuration is invalid or sets no upgrade_socket.
     Upgrade {
         /// Configuration file.
         #[arg(long, default_value = "/etc/mxlb/mxlb.toml")]
@@ -82,6 +91,31 @@ fn parse_admin_state(text: &str) -> Result<AdminState, String> {
         _ => Err(format!("{text:?} is not one of ready, drain, maint")),
     }
 }
+
+/// The rest of the manual page, after the commands (`mxlb --help`).
+const MANUAL: &str = "\
+FILES:
+  /etc/mxlb/mxlb.toml     the configuration (TOML); every key in configuration.md
+  /sys/fs/bpf/mxlb/       the kernel relay's program and maps (global.pin_path), for bpftool
+  /run/mxlb/upgrade.sock  where `mxlb upgrade` finds the daemon (global.upgrade_socket, if set)
+
+SIGNALS (mxlb run):
+  SIGHUP           reload the configuration in place; open connections carry on
+  SIGTERM, SIGINT  stop accepting, let open sessions finish within global.grace, exit 0
+
+EXIT STATUS:
+  0  success (a clean stop, or a daemon that handed over to `mxlb upgrade`)
+  1  runtime failure (a bind, the kernel relay with relay = \"sockmap\", an unreachable daemon)
+  2  bad configuration or arguments, reported as file:line:col: message
+
+ENVIRONMENT:
+  RUST_LOG          log level and filters (default info), e.g. RUST_LOG=debug
+  MXLB_ADMIN_TOKEN  the admin token for `mxlb server set-state`
+  NOTIFY_SOCKET     set by systemd (Type=notify): READY=1, RELOADING=1, STOPPING=1
+
+SEE ALSO:
+  /usr/share/doc/mxlb/ (README, operations.md, configuration.md, security.md),
+  bpftool(8), haproxy(1)";
 
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
