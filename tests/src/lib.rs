@@ -30,6 +30,7 @@ pub mod backend;
 pub mod chaos;
 pub mod delivery;
 pub mod haproxy;
+pub mod keepalived;
 pub mod mxlb;
 pub mod netns;
 pub mod postfix;

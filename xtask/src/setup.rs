@@ -33,6 +33,9 @@ const APT_PACKAGES: &[&str] = &[
     // Network namespaces of the tests' own (`ip netns`), and packet loss in one of them.
     "iproute2",
     "nftables",
+    // Two balancers sharing a virtual IP (VRRP), the health script asks mxlb with curl.
+    "keepalived",
+    "curl",
 ];
 
 /// Answer to postfix's install question: install it, configure nothing, start nothing.
