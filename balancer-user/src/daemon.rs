@@ -43,6 +43,9 @@ pub async fn run(
     take_over: bool,
 ) -> anyhow::Result<()> {
     raise_fd_limit(config.global.maxconn);
+    // First: a SIGHUP's default action would kill the daemon (and during an upgrade the
+    // daemon may already hold the old one's sockets).
+    let mut signals = Signals::install()?;
     // Before the relay loads: a failed take-over leaves the running daemon's pins alone.
     let mut inherited = inherit_sockets(&config, take_over)?;
     let relay = Relay::start(
@@ -104,9 +107,16 @@ pub async fn run(
             counters,
         });
     }
-    // Bound while still root: the socket is root's alone (its directory too).
-    let upgrade_socket = match &reloader.running().global.upgrade_socket {
-        Some(path) => Some(UpgradeSocket::bind(path).context("global.upgrade_socket")?),
+    // Bound while still root: the socket is root's alone (its directory too). In an
+    // upgrade the old daemon passed its own: the path never changes hands as a file.
+    let mut upgrade_socket = match &reloader.running().global.upgrade_socket {
+        Some(path) => Some(
+            match inherited.as_mut().and_then(Inherited::take_upgrade_socket) {
+                Some(socket) => UpgradeSocket::taken_over(socket, path),
+                None => UpgradeSocket::bind(path),
+            }
+            .context("global.upgrade_socket")?,
+        ),
         None => None,
     };
 
@@ -114,6 +124,14 @@ pub async fn run(
     if let Some(run_as) = &reloader.running().global.user {
         crate::privilege::drop_privileges(run_as, &relay)
             .context("dropping privileges to global.user")?;
+    }
+    if let Some(inherited) = inherited {
+        // Everything that can fail has succeeded: the old daemon stops accepting once it
+        // has answered, and this one starts.
+        inherited.finish()?;
+        if let Some(socket) = &mut upgrade_socket {
+            socket.own();
+        }
     }
     // The stats thread parses untrusted HTTP: it starts with the credentials just reduced.
     let stats_thread = match stats_port {
@@ -123,13 +141,9 @@ pub async fn run(
         ),
         None => None,
     };
+    listeners.serve();
 
-    let mut signals = Signals::install()?;
     let systemd = Notifier::from_env();
-    if let Some(inherited) = inherited {
-        // The old daemon stops accepting now: the sockets are served here already.
-        inherited.finish();
-    }
     // Everything is bound and every descriptor the idle daemon keeps is open: tests and
     // supervisors wait for this line (systemd for the READY=1).
     info!(pid = std::process::id(), "ready");
@@ -143,10 +157,18 @@ pub async fn run(
                     let outcome = reloader.reload(&mut listeners, &connections, &relay);
                     systemd.ready(outcome);
                 }
-                Wanted::Stop => break Ended::Stopped,
+                Wanted::Stop => match handing_over.take() {
+                    // The new daemon may start any moment: see the hand-over through.
+                    Some(pending) => match pending.await {
+                        Ok(Ok(successor)) => break Ended::HandedOver(successor),
+                        _ => break Ended::Stopped,
+                    },
+                    None => break Ended::Stopped,
+                },
             },
             request = upgrade_request(upgrade_socket.as_ref()), if handing_over.is_none() => {
-                let sockets = sockets_to_hand_over(&listeners, stats_socket.as_ref());
+                let sockets =
+                    sockets_to_hand_over(&listeners, stats_socket.as_ref(), upgrade_socket.as_ref());
                 match sockets {
                     Ok(sockets) => {
                         handing_over = Some(tokio::spawn(upgrade::hand_over(request, sockets)));
@@ -165,9 +187,12 @@ pub async fn run(
         }
     };
     // Nothing more to hand over: the stats port closes with the stats thread, and a daemon
-    // started now with `mxlb run` may take the upgrade socket's path (after a hand-over the
-    // successor's socket is there, and dropping ours leaves it alone).
+    // started now with `mxlb run` may take the upgrade socket's path. After a hand-over
+    // the socket (the same one) and its file are the successor's.
     drop(stats_socket);
+    if let (Ended::HandedOver(_), Some(socket)) = (&ended, &mut upgrade_socket) {
+        socket.disown();
+    }
     drop(upgrade_socket);
     let grace = reloader.running().global.grace;
     match ended {
@@ -249,11 +274,12 @@ async fn wait_for<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task:
     }
 }
 
-/// Copies of every listening socket (the client listeners and the stats port), each with
-/// what it is for.
+/// Copies of every listening socket (the client listeners, the stats port and the upgrade
+/// socket), each with what it is for.
 fn sockets_to_hand_over(
     listeners: &Listeners,
     stats: Option<&(std::net::SocketAddr, OwnedFd)>,
+    upgrade: Option<&UpgradeSocket>,
 ) -> io::Result<Vec<(Role, OwnedFd)>> {
     let mut sockets: Vec<(Role, OwnedFd)> = listeners
         .listening_sockets()?
@@ -262,6 +288,9 @@ fn sockets_to_hand_over(
         .collect();
     if let Some((addr, fd)) = stats {
         sockets.push((Role::Stats(*addr), fd.try_clone()?));
+    }
+    if let Some(socket) = upgrade {
+        sockets.push((Role::Upgrade, socket.copy()?));
     }
     Ok(sockets)
 }

@@ -67,9 +67,9 @@ pub struct Changes {
 }
 
 impl Listeners {
-    /// Binds every listener's addresses and starts serving them. Addresses `inherited`
-    /// holds (an upgrade: the running daemon's sockets) are served on those sockets, with
-    /// their accept queues, rather than bound anew.
+    /// Binds every listener's addresses; [`Listeners::serve`] starts accepting on them.
+    /// Addresses `inherited` holds (an upgrade: the running daemon's sockets) are served on
+    /// those sockets, with their accept queues, rather than bound anew.
     pub fn start(
         listeners: &[Listener],
         relay: Relay,
@@ -104,21 +104,28 @@ impl Listeners {
             })
             .collect();
         let (current, _) = watch::channel(Vec::new());
-        let mut running = Listeners {
+        Ok(Listeners {
             relay,
             connections,
             sessions,
+            // Not running yet: no accept loop, no health monitor.
             generation: Generation {
-                frontends: Vec::new(),
+                frontends,
                 token: stop.child_token(),
                 acceptors: Vec::new(),
             },
             stop,
             sockets,
             current,
-        };
-        running.generation = running.launch(frontends);
-        Ok(running)
+        })
+    }
+
+    /// Starts accepting on the bound sockets (and checking the servers): the last step of
+    /// the daemon's start, after everything that can fail, so that a start that fails
+    /// (an upgrade, whose sockets the old daemon still serves) has taken no client.
+    pub fn serve(&mut self) {
+        let frontends = std::mem::take(&mut self.generation.frontends);
+        self.generation = self.launch(frontends);
     }
 
     /// The current frontends, following reloads.

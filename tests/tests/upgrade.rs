@@ -13,14 +13,16 @@
 //! - each new daemon served on the sockets taken over (client listener and stats port),
 //!   the pins are the newest daemon's, and after the last one stops no pin is left.
 //!
-//! Also: `mxlb run` refuses to start while a daemon serves the upgrade socket, and
-//! `mxlb upgrade` with nobody to take over from exits with an error, binding nothing.
+//! Also: `mxlb run` refuses to start while a daemon serves the upgrade socket,
+//! `mxlb upgrade` with nobody to take over from exits with an error, binding nothing, and
+//! it takes nothing from a socket that another user than root serves.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
@@ -34,7 +36,7 @@ use mxlb_tests::mxlb::{
 };
 use mxlb_tests::postfix::{MAIL_DOMAIN, PostfixInstance};
 use mxlb_tests::smtp_source::SmtpSource;
-use mxlb_tests::{free_addr, run_command};
+use mxlb_tests::{delivery, free_addr, run_command};
 
 mxlb_tests::for_each_relay!(three_upgrades_under_load);
 
@@ -363,5 +365,127 @@ fn upgrade_without_a_running_daemon_fails_cleanly() -> Result<()> {
             && output.output.contains("global.upgrade_socket is not set"),
         "`mxlb upgrade` without upgrade_socket: {output:?}"
     );
+    Ok(())
+}
+
+/// `mxlb upgrade` takes sockets only from root: a socket another user put at the path
+/// (here in a directory anyone may write to) is refused before anything is loaded.
+#[test]
+fn upgrade_takes_nothing_from_a_socket_that_is_not_roots() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+    let socket = dir.path().join("upgrade.sock");
+    let mut squatter = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+        ])
+        .arg(
+            "import socket, sys, time\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.bind(sys.argv[1]); s.listen()\n\
+             print('listening', flush=True); time.sleep(60)\n",
+        )
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting a listener as nobody")?;
+    let mut line = String::new();
+    BufReader::new(squatter.stdout.take().context("stdout")?).read_line(&mut line)?;
+    ensure!(line.trim() == "listening", "the squatter said {line:?}");
+
+    let listen = free_addr();
+    let nobody = ServerEntry {
+        name: "mail1",
+        addr: free_addr(),
+        send_proxy: "v1",
+    };
+    let plain = config(
+        RelayKind::UserSpace,
+        &pin_path("upgrade-squat"),
+        listen,
+        &[nobody],
+    );
+    let path = dir.path().join("mxlb.toml");
+    std::fs::write(&path, with_upgrade_socket(&plain, &socket))?;
+    let output = run_command(
+        Command::new(binary())
+            .arg("upgrade")
+            .arg("--config")
+            .arg(&path),
+        Duration::from_secs(20),
+    );
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    let output = output?;
+    ensure!(
+        output.status.code() == Some(1) && output.output.contains("not by root"),
+        "`mxlb upgrade` against a socket of uid 65534: {output:?}"
+    );
+    ensure!(!mxlb_tests::is_listening(listen)?, "{listen} was bound");
+    Ok(())
+}
+
+/// A new daemon that fails after it took the sockets (here: its configuration binds an
+/// address that something else holds) leaves the old one serving as before: it still
+/// accepts, its upgrade socket still answers, and the next upgrade goes through.
+#[test]
+fn a_failed_upgrade_leaves_the_old_daemon_serving() -> Result<()> {
+    let (postfix, servers) = two_proxy_backends()?;
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("upgrade.sock");
+    let listen = free_addr();
+    let pins = pin_path("upgrade-failed");
+    let text = with_upgrade_socket(
+        &config(RelayKind::UserSpace, &pins, listen, &servers),
+        &socket,
+    );
+    let mut daemon = Mxlb::start(&text, listen, &pins)?;
+
+    let taken = std::net::TcpListener::bind(free_addr())?;
+    let busy = taken.local_addr()?;
+    let failing = dir.path().join("failing.toml");
+    std::fs::write(
+        &failing,
+        text.replace(
+            &format!("bind = [\"{listen}\"]"),
+            &format!("bind = [\"{listen}\", \"{busy}\"]"),
+        ),
+    )?;
+    let output = run_command(
+        Command::new(binary())
+            .arg("upgrade")
+            .arg("--config")
+            .arg(&failing),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        output.status.code() == Some(1) && output.output.contains(&busy.to_string()),
+        "the failing upgrade: {output:?}"
+    );
+    daemon.wait_for_log_count("upgrade failed, serving on", 1, Duration::from_secs(10))?;
+    ensure!(
+        socket.exists(),
+        "the failed upgrade took the upgrade socket's path with it"
+    );
+    delivery::send_round_robin(
+        listen,
+        &postfix,
+        61..=62,
+        IpAddr::from([127, 0, 0, 1]),
+        false,
+    )
+    .context("mail through the old daemon after the failed upgrade")?;
+
+    let next = daemon
+        .upgrade()
+        .context("the upgrade after the failed one")?;
+    let status = daemon.wait_exit(Duration::from_secs(30))?;
+    ensure!(status.success(), "the old daemon exited with {status}");
+    let status = next.stop()?;
+    ensure!(status.success(), "the new daemon exited with {status}");
     Ok(())
 }

@@ -16,9 +16,12 @@ use super::wire::{self, Role};
 pub struct UpgradeSocket {
     listener: UnixListener,
     path: PathBuf,
-    /// The socket file's inode: a successor renames its own over the path, and this daemon
-    /// must then leave that one alone.
+    /// The socket file's inode: a daemon started with `mxlb run` while this one drains
+    /// binds its own over the path, and this daemon must then leave that one alone.
     inode: u64,
+    /// Whether the file is this daemon's to remove at exit: not while it is only taken
+    /// over (the old daemon may still serve on it), nor once handed over.
+    owned: bool,
 }
 
 /// The daemon that took over, once it serves.
@@ -41,6 +44,7 @@ impl UpgradeSocket {
             .mode(0o755)
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
+        ensure_only_root_writes(dir)?;
         let name = path
             .file_name()
             .with_context(|| format!("{} names no file", path.display()))?;
@@ -68,7 +72,42 @@ impl UpgradeSocket {
             listener: UnixListener::from_std(listener)?,
             path: path.to_owned(),
             inode,
+            owned: true,
         })
+    }
+
+    /// The upgrade socket the running daemon passed on, listening at `path`. It becomes
+    /// this daemon's to remove at exit once the old one has handed over ([`Self::own`]).
+    pub fn taken_over(
+        socket: std::os::unix::net::UnixListener,
+        path: &Path,
+    ) -> anyhow::Result<UpgradeSocket> {
+        let inode = std::fs::symlink_metadata(path)
+            .with_context(|| format!("stat {}", path.display()))?
+            .ino();
+        socket.set_nonblocking(true)?;
+        Ok(UpgradeSocket {
+            listener: UnixListener::from_std(socket)?,
+            path: path.to_owned(),
+            inode,
+            owned: false,
+        })
+    }
+
+    /// The old daemon has handed over: the socket file is this daemon's now.
+    pub fn own(&mut self) {
+        self.owned = true;
+    }
+
+    /// This daemon handed over: the socket file is the successor's.
+    pub fn disown(&mut self) {
+        self.owned = false;
+    }
+
+    /// A copy of the listening socket, for a successor.
+    pub fn copy(&self) -> std::io::Result<OwnedFd> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd().try_clone_to_owned()
     }
 
     /// The next connection from root (the only one that may ask for the sockets); others
@@ -98,6 +137,10 @@ impl UpgradeSocket {
 
 impl Drop for UpgradeSocket {
     fn drop(&mut self) {
+        if !self.owned {
+            debug!(path = %self.path.display(), "upgrade socket handed over; left alone");
+            return;
+        }
         let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|now| now.ino() == self.inode);
         if !ours {
             debug!(path = %self.path.display(), "upgrade socket taken by a successor; left alone");
@@ -109,6 +152,21 @@ impl Drop for UpgradeSocket {
             debug!(path = %self.path.display(), %error, "upgrade socket file left");
         }
     }
+}
+
+/// Refuses a directory for the upgrade socket that anyone but root could write to: whoever
+/// can replace the socket file there could hand `mxlb upgrade` sockets of their own.
+fn ensure_only_root_writes(dir: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(dir).with_context(|| format!("stat {}", dir.display()))?;
+    anyhow::ensure!(
+        meta.uid() == 0 && meta.mode() & 0o022 == 0,
+        "{} is not root's alone (owner uid {}, mode {:o}): another user could put a socket \
+         of theirs at the upgrade socket's path; use a directory such as /run/mxlb",
+        dir.display(),
+        meta.uid(),
+        meta.mode() & 0o7777
+    );
+    Ok(())
 }
 
 /// Hands `sockets` (copies of the daemon's own descriptors) to the daemon on `stream` and
@@ -139,6 +197,9 @@ pub async fn hand_over(
         // Our copies are closed here; the daemon's own stay open until it stops accepting.
         drop(sockets);
         wire::expect(&stream, wire::READY, "the new daemon to be ready")?;
+        // Once this is out the new daemon starts, and this one must stop accepting: it
+        // does when it gets the successor back.
+        wire::say(&stream, wire::OVER).context("telling the new daemon to start")?;
         Ok(Successor { pid })
     })
     .await

@@ -16,6 +16,7 @@ use super::wire::{self, Role};
 pub struct Inherited {
     listeners: HashMap<SocketAddr, TcpListener>,
     stats: Option<(SocketAddr, TcpListener)>,
+    upgrade: Option<std::os::unix::net::UnixListener>,
     /// The running daemon, told on it when the new one serves.
     predecessor: UnixStream,
     predecessor_pid: Option<i32>,
@@ -31,16 +32,26 @@ pub fn take_over(path: &Path) -> anyhow::Result<Inherited> {
     })?;
     stream.set_read_timeout(Some(STEP_TIMEOUT))?;
     stream.set_write_timeout(Some(STEP_TIMEOUT))?;
-    let predecessor_pid = peer_pid(&stream);
+    let peer = peer_credentials(&stream)?;
+    ensure!(
+        peer.uid() == 0,
+        "{} is served by uid {} (pid {}), not by root: not taking sockets from it",
+        path.display(),
+        peer.uid(),
+        peer.pid()
+    );
+    let predecessor_pid = Some(peer.pid());
     wire::say(&stream, wire::HELLO).context("greeting the running daemon")?;
     let mut listeners = HashMap::new();
     let mut stats = None;
+    let mut upgrade = None;
     for (role, fd) in wire::receive_sockets(&stream)? {
         match role {
             Role::Listener(addr) => {
                 listeners.insert(addr, listening_socket(fd, addr)?);
             }
             Role::Stats(addr) => stats = Some((addr, listening_socket(fd, addr)?)),
+            Role::Upgrade => upgrade = Some(listening_unix_socket(fd)?),
         }
     }
     info!(
@@ -52,6 +63,7 @@ pub fn take_over(path: &Path) -> anyhow::Result<Inherited> {
     Ok(Inherited {
         listeners,
         stats,
+        upgrade,
         predecessor: stream,
         predecessor_pid,
     })
@@ -59,6 +71,7 @@ pub fn take_over(path: &Path) -> anyhow::Result<Inherited> {
 
 /// Stops a `mxlb run` that would take the upgrade socket from a daemon serving there.
 pub fn refuse_if_served(path: &Path) -> anyhow::Result<()> {
+    // Whoever serves there: a socket of another user's at the path is as much in the way.
     if UnixStream::connect(path).is_ok() {
         bail!(
             "an mxlb daemon already serves upgrades at {} (global.upgrade_socket): \
@@ -86,23 +99,31 @@ impl Inherited {
         }
     }
 
-    /// Tells the running daemon that this one serves: it stops accepting and drains.
+    /// The upgrade socket, if the running daemon passed it (it listens at `path`).
+    pub fn take_upgrade_socket(&mut self) -> Option<std::os::unix::net::UnixListener> {
+        self.upgrade.take()
+    }
+
+    /// Tells the running daemon that this one can serve, and waits for its answer: once
+    /// it has it, the old daemon stops accepting and this one must start. An error means
+    /// the old daemon did not hand over (it may serve on): this one must not start.
     /// Sockets the new configuration does not use are closed here (the old daemon closes
     /// its own copies as it stops).
-    pub fn finish(self) {
+    pub fn finish(self) -> anyhow::Result<()> {
         for addr in self.listeners.keys() {
             info!(%addr, "upgrade: the configuration no longer binds this address; closing it");
         }
-        match wire::say(&self.predecessor, wire::READY) {
-            Ok(()) => {
-                info!(pid = ?self.predecessor_pid, "upgrade: the old daemon stops accepting and drains")
-            }
-            Err(error) => warn!(
-                pid = ?self.predecessor_pid,
-                %error,
-                "upgrade: could not tell the old daemon to stop; both serve until it is stopped"
-            ),
+        let answered = wire::say(&self.predecessor, wire::READY)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                wire::expect(&self.predecessor, wire::OVER, "the old daemon to hand over")
+            });
+        if let Err(error) = answered {
+            warn!(pid = ?self.predecessor_pid, "upgrade: the old daemon did not hand over");
+            return Err(error.context("the old daemon did not hand over; not starting"));
         }
+        info!(pid = ?self.predecessor_pid, "upgrade: the old daemon stops accepting and drains");
+        Ok(())
     }
 }
 
@@ -126,8 +147,19 @@ fn listening_socket(fd: OwnedFd, addr: SocketAddr) -> anyhow::Result<TcpListener
     Ok(socket.into())
 }
 
-fn peer_pid(stream: &UnixStream) -> Option<i32> {
+/// A passed descriptor as a listening unix stream socket (the upgrade socket).
+fn listening_unix_socket(fd: OwnedFd) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    let socket = socket2::Socket::from(fd);
+    ensure!(
+        socket.domain()? == socket2::Domain::UNIX
+            && socket.r#type()? == socket2::Type::STREAM
+            && socket.is_listener()?,
+        "the socket passed as the upgrade socket is not a listening unix socket"
+    );
+    Ok(std::os::fd::OwnedFd::from(socket).into())
+}
+
+fn peer_credentials(stream: &UnixStream) -> anyhow::Result<nix::sys::socket::UnixCredentials> {
     nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
-        .ok()
-        .map(|cred| cred.pid())
+        .context("reading the running daemon's credentials")
 }

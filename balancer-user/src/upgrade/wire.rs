@@ -1,9 +1,14 @@
-//! The upgrade conversation, three messages over a unix stream socket:
+//! The upgrade conversation, four messages over a unix stream socket:
 //!
 //! 1. new → old: [`HELLO`].
 //! 2. old → new: one `sendmsg` carrying the sockets as SCM_RIGHTS and, as its bytes, one
-//!    line per socket in the same order (`listen ADDR` or `stats ADDR`) and `end`.
-//! 3. new → old: [`READY`], once the new daemon serves; the old one then stops accepting.
+//!    line per socket in the same order (`listen ADDR`, `stats ADDR`, or `upgrade` for the
+//!    upgrade socket itself) and `end`.
+//! 3. new → old: [`READY`], once everything that can fail in the new daemon's start has
+//!    succeeded (it has not accepted a client yet).
+//! 4. old → new: [`OVER`]; the old daemon stops accepting, and only now does the new one
+//!    start. A new daemon that does not get it exits without having served anybody; an
+//!    old daemon that cannot send it serves on.
 //!
 //! A closed connection at any step means the upgrade failed and the old daemon goes on.
 
@@ -17,8 +22,10 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 
 /// What the new daemon says first; the version lets a later protocol refuse cleanly.
 pub const HELLO: &[u8] = b"mxlb-upgrade 1\n";
-/// What the new daemon says once it serves.
+/// What the new daemon says once it can serve.
 pub const READY: &[u8] = b"ready\n";
+/// What the old daemon answers: it stops accepting, the new one starts.
+pub const OVER: &[u8] = b"over\n";
 
 /// The kernel passes at most this many descriptors in one message (SCM_MAX_FD).
 pub const MAX_SOCKETS: usize = 253;
@@ -30,6 +37,9 @@ pub enum Role {
     Listener(SocketAddr),
     /// The stats and admin port.
     Stats(SocketAddr),
+    /// The upgrade socket: the path keeps leading to a listening daemon, and no file is
+    /// replaced (or lost, if the new daemon fails).
+    Upgrade,
 }
 
 /// The lines that describe `roles`, in order, and the end mark.
@@ -39,6 +49,7 @@ pub fn encode(roles: &[Role]) -> String {
         let line = match role {
             Role::Listener(addr) => format!("listen {addr}\n"),
             Role::Stats(addr) => format!("stats {addr}\n"),
+            Role::Upgrade => "upgrade\n".to_owned(),
         };
         text.push_str(&line);
     }
@@ -53,6 +64,9 @@ pub fn decode(text: &str) -> anyhow::Result<Vec<Role>> {
         .context("the socket list does not end with `end`")?;
     body.lines()
         .map(|line| {
+            if line == "upgrade" {
+                return Ok(Role::Upgrade);
+            }
             let (kind, addr) = line
                 .split_once(' ')
                 .with_context(|| format!("not `KIND ADDRESS`: {line:?}"))?;
@@ -178,11 +192,12 @@ mod tests {
             Role::Listener("0.0.0.0:25".parse().unwrap()),
             Role::Listener("[::]:25".parse().unwrap()),
             Role::Stats("127.0.0.1:8404".parse().unwrap()),
+            Role::Upgrade,
         ];
         let text = encode(&roles);
         assert_eq!(
             text,
-            "listen 0.0.0.0:25\nlisten [::]:25\nstats 127.0.0.1:8404\nend\n"
+            "listen 0.0.0.0:25\nlisten [::]:25\nstats 127.0.0.1:8404\nupgrade\nend\n"
         );
         assert_eq!(decode(&text).unwrap(), roles);
         assert_eq!(decode("end\n").unwrap(), []);
@@ -192,6 +207,7 @@ mod tests {
             "listen nowhere\nend\n",
             "admin 127.0.0.1:1\nend\n",
             "listen\nend\n",
+            "upgrade 127.0.0.1:1\nend\n",
         ] {
             assert!(decode(bad).is_err(), "{bad:?} accepted");
         }
