@@ -318,31 +318,38 @@ fn refuses_a_second_run(daemon: &Mxlb) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn upgrade_without_a_running_daemon_fails_cleanly() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let socket = dir.path().join("upgrade.sock");
+/// A user-space configuration whose one server nobody serves (the daemon never gets to
+/// use it), and the address it listens on.
+fn config_without_backend(test: &str) -> (String, SocketAddr) {
     let listen = free_addr();
     let nobody = ServerEntry {
         name: "mail1",
         addr: free_addr(),
         send_proxy: "v1",
     };
-    let plain = config(
-        RelayKind::UserSpace,
-        &pin_path("upgrade-alone"),
-        listen,
-        &[nobody],
-    );
-    let path = dir.path().join("mxlb.toml");
-    std::fs::write(&path, with_upgrade_socket(&plain, &socket))?;
-    let output = run_command(
+    let text = config(RelayKind::UserSpace, &pin_path(test), listen, &[nobody]);
+    (text, listen)
+}
+
+/// `mxlb upgrade --config path`, which is expected to exit on its own.
+fn run_upgrade(path: &Path) -> Result<mxlb_tests::CommandOutput> {
+    run_command(
         Command::new(binary())
             .arg("upgrade")
             .arg("--config")
-            .arg(&path),
+            .arg(path),
         Duration::from_secs(20),
-    )?;
+    )
+}
+
+#[test]
+fn upgrade_without_a_running_daemon_fails_cleanly() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("upgrade.sock");
+    let (plain, listen) = config_without_backend("upgrade-alone");
+    let path = dir.path().join("mxlb.toml");
+    std::fs::write(&path, with_upgrade_socket(&plain, &socket))?;
+    let output = run_upgrade(&path)?;
     ensure!(
         output.status.code() == Some(1)
             && output.output.contains("no running mxlb to take over from"),
@@ -353,13 +360,7 @@ fn upgrade_without_a_running_daemon_fails_cleanly() -> Result<()> {
 
     let without = dir.path().join("without.toml");
     std::fs::write(&without, plain)?;
-    let output = run_command(
-        Command::new(binary())
-            .arg("upgrade")
-            .arg("--config")
-            .arg(&without),
-        Duration::from_secs(20),
-    )?;
+    let output = run_upgrade(&without)?;
     ensure!(
         output.status.code() == Some(2)
             && output.output.contains("global.upgrade_socket is not set"),
@@ -397,27 +398,10 @@ fn upgrade_takes_nothing_from_a_socket_that_is_not_roots() -> Result<()> {
     BufReader::new(squatter.stdout.take().context("stdout")?).read_line(&mut line)?;
     ensure!(line.trim() == "listening", "the squatter said {line:?}");
 
-    let listen = free_addr();
-    let nobody = ServerEntry {
-        name: "mail1",
-        addr: free_addr(),
-        send_proxy: "v1",
-    };
-    let plain = config(
-        RelayKind::UserSpace,
-        &pin_path("upgrade-squat"),
-        listen,
-        &[nobody],
-    );
+    let (plain, listen) = config_without_backend("upgrade-squat");
     let path = dir.path().join("mxlb.toml");
     std::fs::write(&path, with_upgrade_socket(&plain, &socket))?;
-    let output = run_command(
-        Command::new(binary())
-            .arg("upgrade")
-            .arg("--config")
-            .arg(&path),
-        Duration::from_secs(20),
-    );
+    let output = run_upgrade(&path);
     let _ = squatter.kill();
     let _ = squatter.wait();
     let output = output?;
