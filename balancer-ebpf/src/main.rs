@@ -4,8 +4,10 @@
 //! (no stream parser). For every chunk of bytes a socket in `mxlb_socks` receives, it looks
 //! up the socket's peer in `mxlb_peers` under the socket's own cookie and redirects the
 //! chunk out of that peer, counting the bytes, unless the daemon asked it to hold the
-//! socket's bytes (`mxlb_control`). Policy (who is paired, when a direction pauses) lives in
-//! user space; this stays small on purpose.
+//! socket's bytes (`mxlb_control`). Before that, it cuts off bytes the socket delivered
+//! before that TCP handed over again at the head of a chunk (an overlapping retransmission
+//! queued untrimmed; `balancer_common::stale_head`). Policy (who is paired, when a direction
+//! pauses) lives in user space; this stays small on purpose.
 #![no_std]
 #![no_main]
 
@@ -18,7 +20,9 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::debug;
-use balancer_common::{Control, DEFAULT_MAX_SOCKETS, Event, Traffic};
+use balancer_common::{
+    Control, DEFAULT_MAX_SOCKETS, Event, SEQ_KNOWN, Traffic, UNTRIMMABLE, stale_head,
+};
 
 /// The sockets whose receive path runs this program (it is attached to this map); the
 /// program itself never reads it.
@@ -64,6 +68,36 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
     // by the socket lock, and the daemon never rewrites this value, only reads it.
     let traffic = unsafe { &mut *traffic };
 
+    // The chunk's TCP sequence range: an sk_skb program's `cb[0..2]` is the start of the
+    // skb's control block, where TCP keeps `seq` and `end_seq` (`struct tcp_skb_cb`).
+    let (seq, end_seq) = {
+        let cb = ctx.skb.cb();
+        (cb[0], cb[1])
+    };
+    let stale = if traffic.flags & SEQ_KNOWN != 0 {
+        stale_head(traffic.next_seq, seq, len as u32)
+    } else {
+        0
+    };
+    traffic.next_seq = end_seq;
+    traffic.flags |= SEQ_KNOWN;
+    if stale > 0 {
+        // Bytes this socket delivered before, handed over again (a retransmission TCP
+        // queued untrimmed): cut them off, so they are neither relayed twice nor counted.
+        if !trim_head(&ctx, stale) {
+            traffic.flags |= UNTRIMMABLE;
+            let _ = MXLB_EVENTS.output::<Event>(Event { cookie }, 0);
+            return SK_DROP;
+        }
+        traffic.trimmed += u64::from(stale);
+        debug!(&ctx, "mxlb: socket {} got {} bytes again, cut off", cookie, stale);
+    }
+    let len = u64::from(ctx.len());
+    if len == 0 {
+        // Wholly old: nothing left to relay. Dropping an empty skb moves no counter.
+        return SK_DROP;
+    }
+
     // Paused, or the daemon has not yet relayed every byte held before: hold this chunk
     // too. SK_PASS queues it on the socket's own psock, charged to its receive buffer, so
     // TCP closes the window; the daemon reads it from there in order.
@@ -99,6 +133,29 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
         "mxlb: no peer for cookie {}, passing {} bytes", cookie, len
     );
     SK_PASS
+}
+
+/// The most `bpf_skb_adjust_room` removes from an sk_skb at once.
+const TRIM_STEP: u32 = 0xfff;
+/// Enough steps for 256 KiB, beyond any skb TCP queues here (64 KiB on loopback, GRO
+/// packets on a NIC); a larger stale head is reported instead (`UNTRIMMABLE`).
+const TRIM_STEPS: u32 = 64;
+
+/// Removes `bytes` from the front of the chunk; false if that failed (then part of them may
+/// be gone already).
+fn trim_head(ctx: &SkBuffContext, bytes: u32) -> bool {
+    let mut left = bytes;
+    for _ in 0..TRIM_STEPS {
+        if left == 0 {
+            return true;
+        }
+        let step = if left > TRIM_STEP { TRIM_STEP } else { left };
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            return false;
+        }
+        left -= step;
+    }
+    left == 0
 }
 
 #[cfg(not(test))]

@@ -36,7 +36,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use balancer_common::{Control, Traffic};
+use balancer_common::{Control, Traffic, UNTRIMMABLE};
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
@@ -405,6 +405,14 @@ impl KernelRelay {
                 ledger::report(&violation, &client.stream, &server.stream);
                 return Termination::IntegrityError;
             }
+            // A chunk that began with bytes delivered before, which the verdict could not
+            // cut off: it dropped the chunk, so the stream has a hole.
+            for (side, direction) in [(&*client, "client->server"), (&*server, "server->client")] {
+                if self.traffic(side.cookie).flags & UNTRIMMABLE != 0 {
+                    ledger::report_untrimmable(direction, &client.stream, &server.stream);
+                    return Termination::IntegrityError;
+                }
+            }
             // Progress is what moved either way and what the peers took: a slow receiver
             // draining the relay's queue is not idle.
             let moved = self.redirected(client.cookie)
@@ -686,14 +694,20 @@ impl KernelRelay {
     /// Saves the kernel's final counts in `live`, stops watching both sockets and deletes
     /// their map entries; the sockets stay open.
     fn release(&self, client: &Side, server: &Side, live: &LiveTraffic) {
-        let (from_client, from_server) = (
-            self.traffic(client.cookie).passed,
-            self.traffic(server.cookie).passed,
-        );
+        let (client_traffic, server_traffic) =
+            (self.traffic(client.cookie), self.traffic(server.cookie));
+        let (from_client, from_server) = (client_traffic.passed, server_traffic.passed);
         if from_client + from_server > 0 {
             debug!(
                 from_client,
                 from_server, "bytes arrived after their peer was gone"
+            );
+        }
+        let (trimmed_client, trimmed_server) = (client_traffic.trimmed, server_traffic.trimmed);
+        if trimmed_client + trimmed_server > 0 {
+            debug!(
+                trimmed_client,
+                trimmed_server, "retransmitted bytes handed to the verdict again were cut off"
             );
         }
         live.set_unpaired(

@@ -278,13 +278,6 @@ pub enum AfterReset {
 /// must not take an altered message for a whole one.
 pub fn report(violation: &Violation, client: &impl AsFd, server: &impl AsFd) {
     INTEGRITY_ERRORS.fetch_add(1, Ordering::Relaxed);
-    let peer = |socket: &dyn AsFd| {
-        socket2::SockRef::from(&socket.as_fd())
-            .peer_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .map_or_else(|| "?".to_owned(), |a| a.to_string())
-    };
     error!(
         client = %peer(client),
         server = %peer(server),
@@ -292,6 +285,31 @@ pub fn report(violation: &Violation, client: &impl AsFd, server: &impl AsFd) {
     );
     let _ = sockopt::reset_on_close(client);
     let _ = sockopt::reset_on_close(server);
+}
+
+/// Counts and logs a chunk the verdict dropped because it began with bytes the socket had
+/// delivered before and it could not cut them off (`balancer_common::UNTRIMMABLE`), and
+/// makes both sockets reset when they close, as [`report`] does.
+pub fn report_untrimmable(direction: &str, client: &impl AsFd, server: &impl AsFd) {
+    INTEGRITY_ERRORS.fetch_add(1, Ordering::Relaxed);
+    error!(
+        client = %peer(client),
+        server = %peer(server),
+        "integrity: byte conservation failed, resetting both sides: {direction} source at \
+         kernel relay: a chunk began with bytes delivered before that could not be cut off, \
+         and was dropped"
+    );
+    let _ = sockopt::reset_on_close(client);
+    let _ = sockopt::reset_on_close(server);
+}
+
+/// The socket's peer address, for the log.
+fn peer(socket: &dyn AsFd) -> String {
+    socket2::SockRef::from(&socket.as_fd())
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map_or_else(|| "?".to_owned(), |a| a.to_string())
 }
 
 /// Whether the socket has a pending error (a reset the relay has not seen).
