@@ -67,6 +67,11 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the pointer is valid for this program run. Runs for one socket are serialised
     // by the socket lock, and the daemon never rewrites this value, only reads it.
     let traffic = unsafe { &mut *traffic };
+    if traffic.flags & UNTRIMMABLE != 0 {
+        // The stream already has a hole: relaying more could hand the server the end of a
+        // message that lacks bytes before the daemon resets both sides.
+        return SK_DROP;
+    }
 
     // The chunk's TCP sequence range: an sk_skb program's `cb[0..2]` is the start of the
     // skb's control block, where TCP keeps `seq` and `end_seq` (`struct tcp_skb_cb`).
@@ -79,7 +84,11 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
     } else {
         0
     };
-    traffic.next_seq = end_seq;
+    // Only forwards: a chunk wholly behind (cut to nothing below) must not pull the mark
+    // back, or the next new chunk would look stale.
+    if traffic.flags & SEQ_KNOWN == 0 || (end_seq.wrapping_sub(traffic.next_seq) as i32) > 0 {
+        traffic.next_seq = end_seq;
+    }
     traffic.flags |= SEQ_KNOWN;
     if stale > 0 {
         // Bytes this socket delivered before, handed over again (a retransmission TCP
@@ -144,6 +153,11 @@ const TRIM_STEPS: u32 = 64;
 /// Removes `bytes` from the front of the chunk; false if that failed (then part of them may
 /// be gone already).
 fn trim_head(ctx: &SkBuffContext, bytes: u32) -> bool {
+    // Loopback and GRO skbs keep their bytes in page fragments: each removal step would
+    // otherwise pull into a freshly allocated, ever larger head and copy it all again. One
+    // pull makes the stale bytes linear at once; the steps below then only move `data`.
+    // If it fails, the steps may still succeed on their own.
+    let _ = ctx.pull_data(bytes);
     let mut left = bytes;
     for _ in 0..TRIM_STEPS {
         if left == 0 {

@@ -394,6 +394,15 @@ impl KernelRelay {
             if let Err(Abort(termination)) = progress {
                 return termination;
             }
+            // A chunk that began with bytes delivered before, which the verdict could not
+            // cut off: it dropped the chunk, so the stream has a hole. Checked before a
+            // clean end can be declared.
+            for (side, direction) in [(&*client, "client->server"), (&*server, "server->client")] {
+                if self.traffic(side.cookie).flags & UNTRIMMABLE != 0 {
+                    ledger::report_untrimmable(direction, &client.stream, &server.stream);
+                    return Termination::IntegrityError;
+                }
+            }
             if client.state == Direction::Done && server.state == Direction::Done {
                 return Termination::Closed;
             }
@@ -404,14 +413,6 @@ impl KernelRelay {
             {
                 ledger::report(&violation, &client.stream, &server.stream);
                 return Termination::IntegrityError;
-            }
-            // A chunk that began with bytes delivered before, which the verdict could not
-            // cut off: it dropped the chunk, so the stream has a hole.
-            for (side, direction) in [(&*client, "client->server"), (&*server, "server->client")] {
-                if self.traffic(side.cookie).flags & UNTRIMMABLE != 0 {
-                    ledger::report_untrimmable(direction, &client.stream, &server.stream);
-                    return Termination::IntegrityError;
-                }
             }
             // Progress is what moved either way and what the peers took: a slow receiver
             // draining the relay's queue is not idle.

@@ -362,6 +362,12 @@ impl Direction {
         if read != self.relayed {
             return Err(self.violation(moment, "source", read));
         }
+        // Both directions ended at their FIN, so nothing can wait unread. Bytes that do were
+        // skipped, not relayed (a verdict that cut off more than it should), and would
+        // otherwise balance: `consumed` leaves them out on both sides of the equation.
+        if moment == Moment::End && from.unread > 0 {
+            return Err(self.violation(moment, "source", read + from.unread));
+        }
         let given = sent(to).wrapping_sub(self.to.taken);
         if given != self.relayed {
             return Err(self.violation(moment, "sink", given));
@@ -444,8 +450,22 @@ mod tests {
         // 10 bytes read before the relay, 1000 relayed, 5 still queued, FIN arrived.
         let from = counts(10 + 1000 + 5 + 1, 5, 0, true);
         let to = counts(0, 0, 50 + 1000 + 1, true);
-        assert_eq!(direction(1000).balance(&from, &to, Moment::End), Ok(()));
+        assert_eq!(direction(1000).balance(&from, &to, Moment::FromKernel), Ok(()));
         assert_eq!(direction(1000).bounds(&from, &to), Ok(()));
+    }
+
+    #[test]
+    fn bytes_left_unread_at_a_clean_end_were_skipped() {
+        // Both directions ended at their FINs, yet 5 bytes wait: the relay went past them
+        // (a stale-head cut that took new bytes), though read and given still agree.
+        let from = counts(10 + 1000 + 5 + 1, 5, 0, true);
+        let to = counts(0, 0, 50 + 1000 + 1, true);
+        let violation = direction(1000)
+            .balance(&from, &to, Moment::End)
+            .unwrap_err();
+        assert_eq!((violation.side, violation.kernel_says), ("source", 1005));
+        let drained = counts(10 + 1000 + 1, 0, 0, true);
+        assert_eq!(direction(1000).balance(&drained, &to, Moment::End), Ok(()));
     }
 
     #[test]
