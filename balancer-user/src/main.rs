@@ -9,7 +9,8 @@ use mxlb::stats::AdminState;
 
 /// mxlb: a load balancer for inbound SMTP that relays mail in the kernel.
 #[derive(Parser)]
-#[command(version, about, after_long_help = MANUAL)]
+// `name`: the command is `mxlb` (`--version`, usage lines), not the package's name.
+#[command(name = "mxlb", version, about, after_long_help = MANUAL)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -138,15 +139,12 @@ fn main() -> ExitCode {
                 if let Some(warning) = mxlb::secret_file::token_exposure(&path, &config) {
                     eprintln!("warning: {warning}");
                 }
+                let servers = config.listeners.iter().map(|l| l.servers.len()).sum();
                 println!(
-                    "{}: ok ({} listener(s), {} server(s))",
+                    "{}: ok ({}, {})",
                     path.display(),
-                    config.listeners.len(),
-                    config
-                        .listeners
-                        .iter()
-                        .map(|l| l.servers.len())
-                        .sum::<usize>()
+                    counted(config.listeners.len(), "listener"),
+                    counted(servers, "server")
                 );
                 ExitCode::SUCCESS
             }
@@ -194,6 +192,12 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// "1 listener", "2 listeners".
+fn counted(count: usize, noun: &str) -> String {
+    let plural = if count == 1 { "" } else { "s" };
+    format!("{count} {noun}{plural}")
 }
 
 /// Prints the converted configuration and the unmapped lines; exit 0 even with unmapped
@@ -262,10 +266,12 @@ fn run_daemon(
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }
+    // From here on failures are reported once, as a log line: in the configured format
+    // (a JSON log stays JSON) and with the level the journal files it under.
     let runtime = match runtime(config.global.daemon_threads()) {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("mxlb: starting the runtime: {error}");
+            tracing::error!("starting the runtime: {error}");
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
@@ -286,7 +292,6 @@ fn run_daemon(
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
-            eprintln!("mxlb: {error:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }
