@@ -43,7 +43,18 @@ enum Command {
         config: PathBuf,
     },
     /// Run the built-in demo: two PROXY-speaking backends behind 127.0.0.1:2525.
-    Demo,
+    ///
+    /// Stats on 127.0.0.1:8404 (admin token `demo`). --port and --stats move it beside a
+    /// running mxlb (or another demo): with --port the backends take free ports and the
+    /// kernel relay pins under /sys/fs/bpf/mxlb-demo-PORT.
+    Demo {
+        /// The port the demo listens on, on 127.0.0.1 (default 2525).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+        /// The stats page's address, IP:port (default 127.0.0.1:8404).
+        #[arg(long, value_name = "ADDR")]
+        stats: Option<std::net::SocketAddr>,
+    },
     /// Validate a configuration file: exit 0, or 2 with `file:line:col: message`.
     CheckConfig {
         /// Configuration file.
@@ -184,13 +195,15 @@ fn main() -> ExitCode {
             }
         },
         Command::ImportHaproxy { path } => import_haproxy(&path),
-        Command::Demo => match mxlb::demo::config() {
-            Ok(config) => run_daemon(config, None, None, Start::Demo),
-            Err(error) => {
-                eprintln!("{error:#}");
-                ExitCode::from(EXIT_CONFIG)
+        Command::Demo { port, stats } => {
+            match mxlb::demo::config(mxlb::demo::Options { port, stats }) {
+                Ok(config) => run_daemon(config, None, None, Start::Demo),
+                Err(error) => {
+                    eprintln!("{error:#}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
             }
-        },
+        }
     }
 }
 
@@ -262,6 +275,7 @@ fn run_daemon(
     warning: Option<String>,
     start: Start,
 ) -> ExitCode {
+    let mut config = config;
     mxlb::logging::init(config.global.log_format);
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
@@ -275,9 +289,19 @@ fn run_daemon(
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    let backends = match start {
+        Start::Demo => match mxlb::demo::bind_backends(&mut config) {
+            Ok(backends) => Some(backends),
+            Err(error) => {
+                tracing::error!("{error:#}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        },
+        Start::Run | Start::Upgrade => None,
+    };
     let result = runtime.block_on(async {
-        if start == Start::Demo {
-            mxlb::demo::start_backends(&config).await?;
+        if let Some(backends) = backends {
+            backends.serve()?;
             if let Some(addr) = mxlb::demo::listen_addr(&config) {
                 tracing::info!(
                     "demo ready: try `swaks --server {addr} --to you@example.test` a few times"
