@@ -711,3 +711,69 @@ fn documented_commands_and_options_exist() -> Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// Logs.
+
+/// configuration.md, "Log lines" of the health checks: at the default level only state
+/// changes are logged; the `RUST_LOG` it gives for the results on the way there shows
+/// them, as its example line has them.
+#[test]
+fn health_check_results_are_logged_at_the_documented_levels() -> Result<()> {
+    let page = read_doc("docs/configuration.md");
+    let section = page
+        .split("### Log lines")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .context("no 'Log lines' section")?;
+    let verbose = inline_code(section)
+        .find(|code| code.starts_with("RUST_LOG=") && code.ends_with("=debug"))
+        .context("no RUST_LOG=…=debug in 'Log lines'")?
+        .trim_start_matches("RUST_LOG=");
+    let example = fenced(section, "text")
+        .into_iter()
+        .find_map(|block| {
+            block
+                .lines()
+                .find(|l| l.starts_with("health check for"))
+                .map(str::to_owned)
+        })
+        .context("no example of a check result")?;
+
+    let log_at = |level: &str| -> Result<Vec<String>> {
+        let listen = free_addr();
+        let pins = pin_path("docs-health-log");
+        let server = ServerEntry {
+            // Nothing listens there: every check is refused.
+            name: "mail2",
+            addr: free_addr(),
+            send_proxy: "none",
+        };
+        let text = mxlb_tests::mxlb::config_with_listener_keys(
+            RelayKind::UserSpace,
+            &pins,
+            listen,
+            &[server],
+            "[listen.check]\ntype = \"tcp\"\ninter = \"100ms\"\nfall = 3\n",
+        );
+        let mxlb = Mxlb::start_with_env(&text, listen, &pins, &[("RUST_LOG", level)])?;
+        mxlb.wait_for_log_count("server smtp/mail2 is DOWN", 1, Duration::from_secs(20))?;
+        let results = mxlb.log_lines("health check for");
+        mxlb.stop()?;
+        Ok(results)
+    };
+    let quiet = log_at("info")?;
+    ensure!(quiet.is_empty(), "at info: {quiet:?}");
+    let results = log_at(verbose)?;
+    // The example as the daemon writes it, the check's duration aside.
+    let shown = |line: &str| {
+        let (before, after) = line.split_once(" in ").unwrap_or((line, ""));
+        let after = after.split_once("ms").map_or(after, |(_, rest)| rest);
+        format!("{before} in 0ms{after}")
+    };
+    ensure!(
+        results.iter().any(|line| shown(line).contains(&example)),
+        "RUST_LOG={verbose}: no line like {example:?} in {results:?}"
+    );
+    Ok(())
+}
