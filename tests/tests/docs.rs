@@ -112,8 +112,36 @@ fn fenced(page: &str, language: &str) -> Vec<String> {
 // ---------------------------------------------------------------------------------------
 // The configuration reference.
 
-/// The tables of configuration.md in the order a file has them.
-const TABLES: [&str; 5] = ["global", "stats", "listen", "listen.check", "listen.server"];
+/// A section of the file, as a heading of configuration.md names it (`` ## `[[listen]]` ``).
+#[derive(Clone)]
+struct Section {
+    /// Its dotted name: `listen.server`.
+    name: String,
+    /// Written `[[…]]`: one per entry. The parser needs one of each (a listener with a
+    /// server), so every file the tests write has them.
+    array: bool,
+}
+
+/// The sections whose keys configuration.md's reference tables list, in its order (the
+/// order a file has them).
+fn documented_sections() -> Vec<Section> {
+    let mut sections: Vec<Section> = Vec::new();
+    for (heading, header, _) in tables(&read_doc("docs/configuration.md")) {
+        let Some(code) = inline_code(&heading).next() else {
+            continue;
+        };
+        let name = code.trim_matches(['[', ']']).to_owned();
+        if header.first().map(String::as_str) == Some("key")
+            && !sections.iter().any(|section| section.name == name)
+        {
+            sections.push(Section {
+                name,
+                array: code.starts_with("[["),
+            });
+        }
+    }
+    sections
+}
 
 /// One row of a reference table.
 #[derive(Clone)]
@@ -144,7 +172,7 @@ fn documented_keys() -> Vec<KeyRow> {
             .map(|code| code.trim_matches(['[', ']']).to_owned())
             .unwrap_or_default();
         assert!(
-            TABLES.contains(&table.as_str()),
+            heading.contains("`["),
             "a key table under {heading:?}, which names no section"
         );
         for row in body {
@@ -193,19 +221,18 @@ fn without_comment(line: &str) -> &str {
     line.trim()
 }
 
-/// A file with `lines` in their sections; a listener and a server always (the parser
-/// needs them), `[stats]` and `[listen.check]` only when given lines.
-fn config_file(lines: &BTreeMap<String, Vec<String>>) -> String {
+/// A file with `lines` in their sections; the array sections (a listener and a server)
+/// always, the others only when given lines.
+fn config_file(sections: &[Section], lines: &BTreeMap<String, Vec<String>>) -> String {
     let mut text = String::new();
-    for table in TABLES {
-        let body = lines.get(table);
-        let needed = matches!(table, "listen" | "listen.server");
-        if body.is_none() && !needed {
+    for section in sections {
+        let body = lines.get(&section.name);
+        if body.is_none() && !section.array {
             continue;
         }
-        let header = match table {
-            "listen" | "listen.server" => format!("[[{table}]]"),
-            _ => format!("[{table}]"),
+        let header = match section.array {
+            true => format!("[[{}]]", section.name),
+            false => format!("[{}]", section.name),
         };
         text.push_str(&format!("{header}\n"));
         for line in body.into_iter().flatten() {
@@ -230,6 +257,7 @@ fn mxlb(args: &[&str]) -> Result<CommandOutput> {
 
 /// Finds, for each documented key, a documented value the binary accepts.
 struct KeyValues {
+    sections: Vec<Section>,
     rows: Vec<KeyRow>,
     examples: Vec<(String, String, String)>,
     found: BTreeMap<(String, String), String>,
@@ -238,6 +266,7 @@ struct KeyValues {
 impl KeyValues {
     fn new() -> KeyValues {
         KeyValues {
+            sections: documented_sections(),
             rows: documented_keys(),
             examples: example_values(),
             found: BTreeMap::new(),
@@ -275,7 +304,12 @@ impl KeyValues {
     /// listener and a server, and what the row says it is "only with".
     fn companions(&mut self, row: &KeyRow) -> Result<BTreeMap<String, Vec<String>>> {
         let mut lines: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let tables = [row.table.as_str(), "listen", "listen.server"];
+        let tables: Vec<&str> = self
+            .sections
+            .iter()
+            .filter(|section| section.array || section.name == row.table)
+            .map(|section| section.name.as_str())
+            .collect();
         let required: Vec<KeyRow> = self
             .rows
             .iter()
@@ -329,7 +363,7 @@ impl KeyValues {
                 .entry(row.table.clone())
                 .or_default()
                 .push(format!("{} = {candidate}", row.key));
-            let text = config_file(&lines);
+            let text = config_file(&self.sections, &lines);
             let output = check_config(&text)?;
             if output.status.success() {
                 self.found.insert(id, candidate.clone());
@@ -382,49 +416,56 @@ fn accepted_keys(text: &str) -> Result<BTreeSet<String>> {
 #[test]
 fn every_config_key_of_the_binary_is_documented() -> Result<()> {
     let mut values = KeyValues::new();
-    // A table's keys: its rows, and the tables under it (`[[listen]]` has `check`, `server`).
+    let sections = values.sections.clone();
+    let rows = values.rows.clone();
+    // A table's keys: its rows, and the sections under it (`[[listen]]` has `check`).
     let documented = |table: &str| -> BTreeSet<String> {
-        let below = TABLES
+        let below = sections
             .iter()
-            .filter_map(|other| other.strip_prefix(&format!("{table}.")))
+            .filter_map(|other| other.name.strip_prefix(&format!("{table}.")))
             .map(str::to_owned);
-        documented_keys()
-            .into_iter()
+        rows.iter()
             .filter(|row| row.table == table)
-            .map(|row| row.key)
+            .map(|row| row.key.clone())
             .chain(below)
             .collect()
     };
-    let needed = values.companions(&KeyRow {
-        table: "listen".to_owned(),
-        key: String::new(),
-        text: String::new(),
-    })?;
-    let top = accepted_keys(&format!("undocumented_key = 1\n{}", config_file(&needed)))?;
-    let sections: BTreeSet<String> = TABLES
-        .iter()
-        .map(|table| table.split('.').next().unwrap_or_default().to_owned())
-        .collect();
-    ensure!(
-        top == sections,
-        "top level: binary {top:?}, docs {sections:?}"
-    );
-    let mut failures = Vec::new();
-    for table in TABLES {
+    let with_unknown_key = |values: &mut KeyValues, table: &str| -> Result<String> {
         let mut lines = values.companions(&KeyRow {
             table: table.to_owned(),
             key: String::new(),
             text: String::new(),
         })?;
-        lines
-            .entry(table.to_owned())
-            .or_default()
-            .push("undocumented_key = 1".to_owned());
-        let binary = accepted_keys(&config_file(&lines))?;
-        let docs = documented(table);
+        let unknown = "undocumented_key = 1".to_owned();
+        if table.is_empty() {
+            return Ok(format!("{unknown}\n{}", config_file(&sections, &lines)));
+        }
+        lines.entry(table.to_owned()).or_default().push(unknown);
+        Ok(config_file(&sections, &lines))
+    };
+    let mut failures = Vec::new();
+    let top = accepted_keys(&with_unknown_key(&mut values, "")?)?;
+    let named: BTreeSet<String> = sections
+        .iter()
+        .map(|section| {
+            section
+                .name
+                .split('.')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    if top != named {
+        failures.push(format!("top level: binary {top:?}, docs {named:?}"));
+    }
+    for section in &sections {
+        let binary = accepted_keys(&with_unknown_key(&mut values, &section.name)?)?;
+        let docs = documented(&section.name);
         if binary != docs {
             failures.push(format!(
-                "[{table}]: only the binary has {:?}, only the docs have {:?}",
+                "[{}]: only the binary has {:?}, only the docs have {:?}",
+                section.name,
                 binary.difference(&docs).collect::<Vec<_>>(),
                 docs.difference(&binary).collect::<Vec<_>>()
             ));
