@@ -24,6 +24,8 @@ use crate::privilege::RunAs;
 use crate::proxy_header::ProxyVersion;
 use crate::upstreams::TrustedUpstreams;
 
+mod table_headers;
+
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/mxlb";
 const DEFAULT_MAXCONN: u32 = 20_000;
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
@@ -407,8 +409,13 @@ impl Config {
     /// Parses and validates `text`; `origin` is the file name used in error messages.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|error| {
-            let offset = error.span().map_or(0, |span| span.start);
-            ConfigError::at(origin, text, offset, error.message())
+            // A header with the wrong brackets makes toml complain about something else:
+            // name the header and the fix instead.
+            let (offset, message) = table_headers::misbracketed(text).unwrap_or_else(|| {
+                let offset = error.span().map_or(0, |span| span.start);
+                (offset, error.message().to_owned())
+            });
+            ConfigError::at(origin, text, offset, &message)
         })?;
         raw.validate()
             .map_err(|invalid| ConfigError::at(origin, text, invalid.span.start, &invalid.message))
@@ -568,14 +575,18 @@ struct RawStats {
 
 impl RawStats {
     fn validate(self) -> Validated<Stats> {
-        let admin_token = match self.admin_token {
-            // The token travels in an HTTP header: visible ASCII only, and not empty,
-            // which would make "Bearer " a valid credential.
-            Some(token) if !is_visible_ascii(token.get_ref()) => {
-                return invalid(token.span(), "admin_token must be non-empty visible ASCII");
-            }
-            token => token.map(Spanned::into_inner),
-        };
+        // The token travels in an HTTP header: visible ASCII only, and not empty, which
+        // would make "Bearer " a valid credential.
+        let admin_token = self
+            .admin_token
+            .map(|token| {
+                visible_ascii(
+                    token,
+                    "admin_token",
+                    "leave the key out to turn the admin API off",
+                )
+            })
+            .transpose()?;
         let defaults = crate::stats::Limits::default();
         Ok(Stats {
             bind: self.bind.0,
@@ -713,8 +724,7 @@ fn check(raw: Option<RawCheck>) -> Validated<Check> {
 fn helo_domain(raw: Option<Spanned<String>>) -> Validated<String> {
     match raw {
         None => Ok(default_domain()),
-        Some(domain) if is_visible_ascii(domain.get_ref()) => Ok(domain.into_inner()),
-        Some(domain) => invalid(domain.span(), "domain must be one word of visible ASCII"),
+        Some(domain) => visible_ascii(domain, "domain", "leave the key out for the host name"),
     }
 }
 
@@ -898,6 +908,49 @@ fn socket_path(path: Spanned<PathBuf>) -> Validated<PathBuf> {
 
 fn is_visible_ascii(text: &str) -> bool {
     !text.is_empty() && text.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A value that must be one word of visible ASCII (it goes into a protocol line). An error
+/// names the first character that is not, and where it is, without repeating the value
+/// (it may be a secret); `if_empty` says what to do instead of an empty value.
+fn visible_ascii(value: Spanned<String>, key: &str, if_empty: &str) -> Validated<String> {
+    let text = value.get_ref();
+    if text.is_empty() {
+        return invalid(value.span(), format!("{key} is empty: {if_empty}"));
+    }
+    let Some((number, (index, found))) = text
+        .char_indices()
+        .enumerate()
+        .find(|(_, (_, c))| !c.is_ascii_graphic())
+    else {
+        return Ok(value.into_inner());
+    };
+    let span = value.span();
+    // Point at the character itself when the value is written without escapes (its
+    // quotes around exactly its bytes), else at the value.
+    let at = if span.len() == text.len() + 2 {
+        span.start + 1 + index
+    } else {
+        span.start
+    };
+    let message = format!(
+        "{key}: character {} is {}; use visible ASCII only (letters, digits, punctuation; \
+         no spaces, tabs or non-ASCII)",
+        number + 1,
+        describe_char(found)
+    );
+    invalid(at..at + found.len_utf8(), message)
+}
+
+/// "a space", "a tab", "'é' (U+00E9)".
+fn describe_char(c: char) -> String {
+    match c {
+        ' ' => "a space".to_owned(),
+        '\t' => "a tab".to_owned(),
+        c if c.is_control() => format!("a control character (U+{:04X})", u32::from(c)),
+        c if c.is_whitespace() => format!("a non-ASCII space (U+{:04X})", u32::from(c)),
+        c => format!("{c:?} (U+{:04X})", u32::from(c)),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1532,6 +1585,26 @@ addr = "127.0.0.1:10025"
     }
 
     #[test]
+    fn misbracketed_headers_say_how_to_write_them() {
+        let once = MINIMAL.replace("[[listen.server]]", "[listen.server]");
+        let twice =
+            format!("{once}\n[listen.server]\nname = \"mail2\"\naddr = \"127.0.0.1:10026\"\n");
+        for text in [&once, &twice] {
+            assert_error(
+                text,
+                "mxlb.toml:5:1: [listen.server] with single brackets: servers are an array \
+                 of tables, write [[listen.server]]",
+                "",
+            );
+        }
+        assert_error(
+            &format!("{MINIMAL}\n[[listen.check]]\ninter = \"2s\"\n"),
+            "mxlb.toml:9:1: [[listen.check]] with double brackets",
+            "write [listen.check]",
+        );
+    }
+
+    #[test]
     fn unknown_keys() {
         assert_error(
             "colour = \"blue\"\n",
@@ -1703,10 +1776,29 @@ addr = "127.0.0.1:10025"
             "mxlb.toml:10:8:",
             "fall must be at least 1",
         );
+        // Errors in words of visible ASCII point at the first character that is not one.
         assert_error(
             &format!("{MINIMAL}\n[listen.check]\ndomain = \"a b\"\n"),
-            "mxlb.toml:10:10:",
-            "domain",
+            "mxlb.toml:10:12:",
+            "domain: character 2 is a space;",
+        );
+        assert_error(
+            &format!("[stats]\nbind = \"127.0.0.1:8404\"\nadmin_token = \"op secret\"\n{MINIMAL}"),
+            "mxlb.toml:3:18: admin_token: character 3 is a space; use visible ASCII only",
+            "no spaces",
+        );
+        assert_error(
+            &format!(
+                "[stats]\nbind = \"127.0.0.1:8404\"\nadmin_token = \"op\\tsécret\"\n{MINIMAL}"
+            ),
+            // An escape before it: the column is the value's.
+            "mxlb.toml:3:15: admin_token: character 3 is a tab;",
+            "",
+        );
+        assert_error(
+            &format!("[stats]\nbind = \"127.0.0.1:8404\"\nadmin_token = 'sécret'\n{MINIMAL}"),
+            "mxlb.toml:3:17: admin_token: character 2 is 'é' (U+00E9);",
+            "",
         );
         assert_error(
             "[global]\nmaxconn = 0\n",
@@ -1715,8 +1807,8 @@ addr = "127.0.0.1:10025"
         );
         assert_error(
             &format!("[stats]\nbind = \"127.0.0.1:8404\"\nadmin_token = \"\"\n{MINIMAL}"),
-            "mxlb.toml:3:15:",
-            "admin_token",
+            "mxlb.toml:3:15: admin_token is empty: leave the key out",
+            "",
         );
     }
 

@@ -23,21 +23,67 @@ const MAX_LINE: usize = 4096;
 /// Longest PROXY header (v2 with TLVs), as Postfix bounds it.
 const MAX_PROXY_HEADER: usize = 536;
 
-/// The demo's configuration, parsed from the embedded text.
-pub fn config() -> anyhow::Result<Config> {
-    Ok(Config::parse(DEMO_CONFIG, "<embedded demo.toml>")?)
+/// Where `mxlb demo` listens, when not where the embedded configuration says.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// The listener's port on 127.0.0.1 (`--port`). The backends then take ports the
+    /// kernel picks and the kernel relay pins under `/sys/fs/bpf/mxlb-demo-<port>`, so the
+    /// demo runs beside a real instance, or beside another demo.
+    pub port: Option<u16>,
+    /// The stats page's address (`--stats`).
+    pub stats: Option<SocketAddr>,
 }
 
-/// Starts one backend per server of the demo configuration.
-pub async fn start_backends(config: &Config) -> anyhow::Result<()> {
-    for server in config.listeners.iter().flat_map(|l| &l.servers) {
-        let socket = TcpListener::bind(server.addr)
-            .await
-            .with_context(|| format!("demo backend {}: binding {}", server.name, server.addr))?;
-        info!(backend = %server.name, addr = %server.addr, "demo backend listening");
-        tokio::spawn(serve_backend(server.name.clone(), socket));
+/// The demo's configuration: the embedded text, moved as `options` say.
+pub fn config(options: Options) -> anyhow::Result<Config> {
+    let mut config = Config::parse(DEMO_CONFIG, "<embedded demo.toml>")?;
+    if let (Some(bind), Some(stats)) = (options.stats, config.stats.as_mut()) {
+        stats.bind = bind;
     }
-    Ok(())
+    if let Some(port) = options.port {
+        config.global.pin_path = format!("{}-demo-{port}", config.global.pin_path.display()).into();
+        for listener in &mut config.listeners {
+            listener
+                .bind
+                .iter_mut()
+                .for_each(|addr| addr.set_port(port));
+            // Port 0: bound by `bind_backends`, which writes the port the kernel chose.
+            listener
+                .servers
+                .iter_mut()
+                .for_each(|server| server.addr.set_port(0));
+        }
+    }
+    Ok(config)
+}
+
+/// The demo's backends, bound and not yet serving.
+pub struct Backends(Vec<(String, std::net::TcpListener)>);
+
+/// Binds one backend per server of the demo configuration; a server at port 0 gets the
+/// port the kernel picks, written back into `config`.
+pub fn bind_backends(config: &mut Config) -> anyhow::Result<Backends> {
+    let mut backends = Vec::new();
+    for server in config.listeners.iter_mut().flat_map(|l| &mut l.servers) {
+        let socket = std::net::TcpListener::bind(server.addr)
+            .with_context(|| format!("demo backend {}: binding {}", server.name, server.addr))?;
+        socket.set_nonblocking(true)?;
+        server.addr = socket.local_addr()?;
+        backends.push((server.name.clone(), socket));
+    }
+    Ok(Backends(backends))
+}
+
+impl Backends {
+    /// Serves each backend on its own task (inside the runtime).
+    pub fn serve(self) -> anyhow::Result<()> {
+        for (name, socket) in self.0 {
+            let socket = TcpListener::from_std(socket)?;
+            info!(backend = %name, addr = %socket.local_addr()?, "demo backend listening");
+            tokio::spawn(serve_backend(name, socket));
+        }
+        Ok(())
+    }
 }
 
 async fn serve_backend(name: String, socket: TcpListener) {

@@ -9,7 +9,8 @@ use mxlb::stats::AdminState;
 
 /// mxlb: a load balancer for inbound SMTP that relays mail in the kernel.
 #[derive(Parser)]
-#[command(version, about, after_long_help = MANUAL)]
+// `name`: the command is `mxlb` (`--version`, usage lines), not the package's name.
+#[command(name = "mxlb", version, about, after_long_help = MANUAL)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,7 +43,18 @@ enum Command {
         config: PathBuf,
     },
     /// Run the built-in demo: two PROXY-speaking backends behind 127.0.0.1:2525.
-    Demo,
+    ///
+    /// Stats on 127.0.0.1:8404 (admin token `demo`). --port and --stats move it beside a
+    /// running mxlb (or another demo): with --port the backends take free ports and the
+    /// kernel relay pins under /sys/fs/bpf/mxlb-demo-PORT.
+    Demo {
+        /// The port the demo listens on, on 127.0.0.1 (default 2525).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+        /// The stats page's address, IP:port (default 127.0.0.1:8404).
+        #[arg(long, value_name = "ADDR")]
+        stats: Option<std::net::SocketAddr>,
+    },
     /// Validate a configuration file: exit 0, or 2 with `file:line:col: message`.
     CheckConfig {
         /// Configuration file.
@@ -138,15 +150,12 @@ fn main() -> ExitCode {
                 if let Some(warning) = mxlb::secret_file::token_exposure(&path, &config) {
                     eprintln!("warning: {warning}");
                 }
+                let servers = config.listeners.iter().map(|l| l.servers.len()).sum();
                 println!(
-                    "{}: ok ({} listener(s), {} server(s))",
+                    "{}: ok ({}, {})",
                     path.display(),
-                    config.listeners.len(),
-                    config
-                        .listeners
-                        .iter()
-                        .map(|l| l.servers.len())
-                        .sum::<usize>()
+                    counted(config.listeners.len(), "listener"),
+                    counted(servers, "server")
                 );
                 ExitCode::SUCCESS
             }
@@ -186,14 +195,22 @@ fn main() -> ExitCode {
             }
         },
         Command::ImportHaproxy { path } => import_haproxy(&path),
-        Command::Demo => match mxlb::demo::config() {
-            Ok(config) => run_daemon(config, None, None, Start::Demo),
-            Err(error) => {
-                eprintln!("{error:#}");
-                ExitCode::from(EXIT_CONFIG)
+        Command::Demo { port, stats } => {
+            match mxlb::demo::config(mxlb::demo::Options { port, stats }) {
+                Ok(config) => run_daemon(config, None, None, Start::Demo),
+                Err(error) => {
+                    eprintln!("{error:#}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
             }
-        },
+        }
     }
+}
+
+/// "1 listener", "2 listeners".
+fn counted(count: usize, noun: &str) -> String {
+    let plural = if count == 1 { "" } else { "s" };
+    format!("{count} {noun}{plural}")
 }
 
 /// Prints the converted configuration and the unmapped lines; exit 0 even with unmapped
@@ -258,20 +275,33 @@ fn run_daemon(
     warning: Option<String>,
     start: Start,
 ) -> ExitCode {
+    let mut config = config;
     mxlb::logging::init(config.global.log_format);
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }
+    // From here on failures are reported once, as a log line: in the configured format
+    // (a JSON log stays JSON) and with the level the journal files it under.
     let runtime = match runtime(config.global.daemon_threads()) {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("mxlb: starting the runtime: {error}");
+            tracing::error!("starting the runtime: {error}");
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    let backends = match start {
+        Start::Demo => match mxlb::demo::bind_backends(&mut config) {
+            Ok(backends) => Some(backends),
+            Err(error) => {
+                tracing::error!("{error:#}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        },
+        Start::Run | Start::Upgrade => None,
+    };
     let result = runtime.block_on(async {
-        if start == Start::Demo {
-            mxlb::demo::start_backends(&config).await?;
+        if let Some(backends) = backends {
+            backends.serve()?;
             if let Some(addr) = mxlb::demo::listen_addr(&config) {
                 tracing::info!(
                     "demo ready: try `swaks --server {addr} --to you@example.test` a few times"
@@ -286,7 +316,6 @@ fn run_daemon(
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
-            eprintln!("mxlb: {error:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }

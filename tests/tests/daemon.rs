@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, binary, config, pin_path};
+use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, binary, config, http, pin_path};
 use mxlb_tests::swaks::Swaks;
 use mxlb_tests::{free_addr, run_command};
 
@@ -232,15 +232,39 @@ fn relay_auto_falls_back_and_names_the_reason_sockmap_refuses() -> Result<()> {
 /// each names the client address it was told in the PROXY header.
 #[test]
 fn demo_alternates_backends_and_shows_client_addresses() -> Result<()> {
-    let listen: SocketAddr = "127.0.0.1:2525".parse()?;
+    run_demo(&[], "127.0.0.1:2525".parse()?, "127.0.0.1:8404".parse()?).map(|_| ())
+}
+
+/// `--port` and `--stats` move the demo beside another instance: it serves there, its
+/// backends take other ports than the default demo's, and mail still alternates.
+#[test]
+fn demo_runs_on_the_ports_it_is_given() -> Result<()> {
+    let listen = free_addr();
+    let stats = free_addr();
+    let port = listen.port().to_string();
+    let stats_arg = stats.to_string();
+    let backends = run_demo(&["--port", &port, "--stats", &stats_arg], listen, stats)?;
+    for addr in backends {
+        ensure!(
+            !["127.0.0.1:10025", "127.0.0.1:10026"].contains(&addr.as_str()),
+            "a backend on the default demo's port: {addr}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `mxlb demo ARGS`, expecting it on `listen` and its stats on `stats`; sends four
+/// messages from four addresses; returns the backends' addresses from `/api/stats`.
+fn run_demo(args: &[&str], listen: SocketAddr, stats: SocketAddr) -> Result<Vec<String>> {
     let log = tempfile::NamedTempFile::new()?;
     let mut demo = Command::new(binary())
         .arg("demo")
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(log.reopen()?)
         .spawn()?;
-    let result = (|| -> Result<()> {
-        mxlb_tests::wait_for_listen(&[listen], Duration::from_secs(20))?;
+    let result = (|| -> Result<Vec<String>> {
+        mxlb_tests::wait_for_listen(&[listen, stats], Duration::from_secs(20))?;
         let mut backends = Vec::new();
         for octet in [41u8, 42, 43, 44] {
             let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, octet));
@@ -262,16 +286,24 @@ fn demo_alternates_backends_and_shows_client_addresses() -> Result<()> {
             backends == ["demo1", "demo2", "demo1", "demo2"],
             "{backends:?}"
         );
-        Ok(())
+        let snapshot = http::get_json(&format!("http://{stats}/api/stats"))?;
+        ["demo1", "demo2"]
+            .into_iter()
+            .map(|name| {
+                let server = http::server(&snapshot, "smtp", name)?;
+                let addr = server["addr"].as_str().context("no addr")?;
+                Ok(addr.to_owned())
+            })
+            .collect()
     })();
     // SAFETY: kill has no memory-safety preconditions.
     unsafe {
         libc::kill(demo.id() as libc::pid_t, libc::SIGTERM);
     }
     let status = demo.wait()?;
-    result.with_context(|| std::fs::read_to_string(log.path()).unwrap_or_default())?;
+    let result = result.with_context(|| std::fs::read_to_string(log.path()).unwrap_or_default())?;
     ensure!(status.success(), "demo exited with {status}");
-    Ok(())
+    Ok(result)
 }
 
 /// `log_format = "json"`: one JSON object per line, the connection line with every field

@@ -106,7 +106,7 @@ backend mail
         text(&check.stderr)
     );
     ensure!(
-        text(&check.stdout).contains("ok (1 listener(s), 2 server(s))"),
+        text(&check.stdout).contains("ok (1 listener, 2 servers)"),
         "{}",
         text(&check.stdout)
     );

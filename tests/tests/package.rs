@@ -219,7 +219,7 @@ fn check_installation() -> Result<()> {
     );
     let checked = run(Command::new(BINARY).args(["check-config", CONFFILE]))?;
     ensure!(
-        checked.contains(": ok (1 listener(s), 2 server(s))") && !checked.contains("warning"),
+        checked.contains(": ok (1 listener, 2 servers)") && !checked.contains("warning"),
         "check-config of the shipped example: {checked}"
     );
     // Installed, not enabled: a balancer on port 25 with an example configuration does not

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::accept_proxy::HeaderError;
 use crate::balance::Candidate;
@@ -194,7 +194,9 @@ impl Pool {
                     } else {
                         ("succeeded", "UP")
                     };
-                    info!(
+                    // Debug, as HAProxy logs these only with `option log-health-checks`: at
+                    // info, a flapping server would write a line every few seconds.
+                    debug!(
                         server = %name,
                         "health check for {name} {outcome} ({why}); {count}/{needed} towards {towards}"
                     );
