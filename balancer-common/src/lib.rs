@@ -35,6 +35,9 @@ pub const CONTROL_MAP: &str = "mxlb_control";
 pub const EVENTS_MAP: &str = "mxlb_events";
 /// The program global (patched at load) holding the event step in bytes.
 pub const EVENT_STEP_GLOBAL: &str = "MXLB_EVENT_STEP";
+/// The program global (patched at load) holding where `copied_seq` lies in the kernel's
+/// `struct tcp_sock`, in bytes; 0 if unknown.
+pub const COPIED_SEQ_OFFSET_GLOBAL: &str = "MXLB_COPIED_SEQ_OFFSET";
 
 /// Default capacity of every map; the daemon resizes them at load time from
 /// `global.maxconn` (two sockets per relayed connection).

@@ -14,7 +14,8 @@
 use aya_ebpf::{
     Global,
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_get_socket_cookie,
+    cty::c_void,
+    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_skc_to_tcp_sock},
     macros::{map, stream_verdict},
     maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
@@ -45,6 +46,12 @@ static MXLB_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// `global.max_inflight`. Zero turns events off.
 #[unsafe(no_mangle)]
 static MXLB_EVENT_STEP: Global<u64> = Global::new(0);
+
+/// Where `copied_seq` lies in the running kernel's `struct tcp_sock`, in bytes; the daemon
+/// patches it at load from the kernel's BTF. Zero: unknown, the first chunk after an insert
+/// is not checked for a stale head.
+#[unsafe(no_mangle)]
+static MXLB_COPIED_SEQ_OFFSET: Global<u32> = Global::new(0);
 
 #[stream_verdict]
 pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
@@ -79,11 +86,14 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
         let cb = ctx.skb.cb();
         (cb[0], cb[1])
     };
-    let stale = if traffic.flags & SEQ_KNOWN != 0 {
-        stale_head(traffic.next_seq, seq, len as u32)
+    // Where the stream stood before this chunk: the end of the last chunk this program saw,
+    // or for the first one after the insert, what user space had read.
+    let delivered = if traffic.flags & SEQ_KNOWN != 0 {
+        Some(traffic.next_seq)
     } else {
-        0
+        read_by_user_space(&ctx)
     };
+    let stale = delivered.map_or(0, |next_seq| stale_head(next_seq, seq, len as u32));
     // Only forwards: a chunk wholly behind (cut to nothing below) must not pull the mark
     // back, or the next new chunk would look stale.
     if traffic.flags & SEQ_KNOWN == 0 || (end_seq.wrapping_sub(traffic.next_seq) as i32) > 0 {
@@ -142,6 +152,28 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
         "mxlb: no peer for cookie {}, passing {} bytes", cookie, len
     );
     SK_PASS
+}
+
+/// The socket's `copied_seq`: the next byte its reader takes. Before this program has taken
+/// any chunk of the socket, that is where user space stopped reading. `None` if unknown.
+fn read_by_user_space(ctx: &SkBuffContext) -> Option<u32> {
+    let offset = MXLB_COPIED_SEQ_OFFSET.load();
+    if offset == 0 {
+        return None;
+    }
+    // SAFETY: reading the skb's socket pointer from the context, which the verifier allows.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: the helper checks that the socket is a TCP one, or returns null.
+    let tcp = unsafe { bpf_skc_to_tcp_sock(sk.cast::<c_void>()) };
+    if tcp.is_null() {
+        return None;
+    }
+    // SAFETY: a 4-byte read inside `struct tcp_sock`, at the offset the kernel's BTF gives;
+    // the helper fails cleanly rather than fault.
+    unsafe { bpf_probe_read_kernel(tcp.cast::<u8>().add(offset as usize).cast::<u32>()) }.ok()
 }
 
 /// The most `bpf_skb_adjust_room` removes from an sk_skb at once.

@@ -450,7 +450,10 @@ mod tests {
         // 10 bytes read before the relay, 1000 relayed, 5 still queued, FIN arrived.
         let from = counts(10 + 1000 + 5 + 1, 5, 0, true);
         let to = counts(0, 0, 50 + 1000 + 1, true);
-        assert_eq!(direction(1000).balance(&from, &to, Moment::FromKernel), Ok(()));
+        assert_eq!(
+            direction(1000).balance(&from, &to, Moment::FromKernel),
+            Ok(())
+        );
         assert_eq!(direction(1000).bounds(&from, &to), Ok(()));
     }
 

@@ -7,6 +7,7 @@
 mod kernel;
 pub mod ledger;
 mod sockmap;
+mod tcp_sock;
 mod userspace;
 mod watch;
 

@@ -23,14 +23,15 @@ use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use balancer_common::{
-    CONTROL_MAP, Control, EVENT_STEP_GLOBAL, EVENTS_MAP, PEERS_MAP, SOCKS_MAP, TRAFFIC_MAP,
-    Traffic, VERDICT_PROGRAM,
+    CONTROL_MAP, COPIED_SEQ_OFFSET_GLOBAL, Control, EVENT_STEP_GLOBAL, EVENTS_MAP, PEERS_MAP,
+    SOCKS_MAP, TRAFFIC_MAP, Traffic, VERDICT_PROGRAM,
 };
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 use tracing::{debug, info, warn};
 
+use super::tcp_sock;
 use super::watch::Watcher;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
@@ -89,6 +90,19 @@ impl KernelRelay {
         // looks at the peer before it can fall a whole max_inflight behind.
         // 0 turns the bound off: no events, no pausing.
         let event_step: u64 = max_inflight / 4;
+        // The first chunk after an insert is checked for a stale head against what user
+        // space read, which the verdict finds through the kernel's BTF.
+        let copied_seq_offset = match tcp_sock::copied_seq_offset(Path::new(tcp_sock::VMLINUX_BTF))
+        {
+            Ok(offset) => offset,
+            Err(error) => {
+                warn!(
+                    "no offset of tcp_sock.copied_seq ({error:#}): the first chunk after \
+                         each hand-over to the kernel is not checked for bytes delivered before"
+                );
+                0
+            }
+        };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(SOCKS_MAP, max_sockets)
             .map_max_entries(TRAFFIC_MAP, max_sockets)
@@ -96,6 +110,7 @@ impl KernelRelay {
             .map_max_entries(CONTROL_MAP, max_sockets)
             .override_global("AYA_LOG_LEVEL", &ebpf_log_level, false)
             .override_global(EVENT_STEP_GLOBAL, &event_step, true)
+            .override_global(COPIED_SEQ_OFFSET_GLOBAL, &copied_seq_offset, true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         if ebpf_log_level > 0 {
