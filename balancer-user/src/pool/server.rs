@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::balance::Candidate;
 use crate::config::Server;
 use crate::health::{CheckResult, CheckSpec, HealthState, Transition};
 use crate::limits::{Gauge, Slot};
 use crate::relay::{LiveTraffic, Relay, Transfer};
+use crate::stats::model::CHECKS_OFF;
 use crate::stats::{AdminState, ServerStats};
 
 /// What the stats call a server's status: the operator's state overrides health.
@@ -47,6 +48,9 @@ struct ServerState {
     health: Mutex<HealthState>,
     last_check: Mutex<Option<CheckResult>>,
     admin: Mutex<AdminState>,
+    /// A weight set at run time, in force instead of the file's until a reload gives the
+    /// server another weight in the file (or the next restart).
+    runtime_weight: Mutex<Option<u32>>,
     /// The status last seen, since when, and the DOWN time accumulated before it.
     status: Mutex<StatusHistory>,
     /// Sessions open or connecting, with the server's `maxconn` as the ceiling.
@@ -56,11 +60,17 @@ struct ServerState {
     traffic: Mutex<TrafficBook>,
     next_session: AtomicU64,
     connect_errors: AtomicU64,
+    /// Failed health checks (HAProxy's Chk).
+    checks_failed: AtomicU64,
+    /// UP to DOWN transitions (HAProxy's Dwn).
+    down_transitions: AtomicU64,
 }
 
 struct StatusHistory {
     status: Status,
     since: Instant,
+    /// `since` on the wall clock, for the timestamp the stats show.
+    since_wall: SystemTime,
     downtime: Duration,
 }
 
@@ -80,14 +90,18 @@ impl ServerRuntime {
             health: Mutex::new(HealthState::new(rise, fall)),
             last_check: Mutex::new(None),
             admin: Mutex::new(AdminState::Ready),
+            runtime_weight: Mutex::new(None),
             status: Mutex::new(StatusHistory {
                 status: Status::Up,
                 since: Instant::now(),
+                since_wall: SystemTime::now(),
                 downtime: Duration::ZERO,
             }),
             traffic: Mutex::new(TrafficBook::default()),
             next_session: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
+            down_transitions: AtomicU64::new(0),
         };
         ServerRuntime {
             config,
@@ -98,7 +112,8 @@ impl ServerRuntime {
 
     /// The same server under a reloaded configuration: new settings, the state so far
     /// (health, admin state, sessions and counters). Sessions opened before the reload
-    /// count against the new `maxconn`.
+    /// count against the new `maxconn`. A weight set at run time stays unless the file
+    /// now gives the server a different weight: that edit is the operator's newer word.
     pub(super) fn reconfigured(
         &self,
         config: Server,
@@ -108,6 +123,9 @@ impl ServerRuntime {
     ) -> ServerRuntime {
         self.state.sessions.set_limit(config.maxconn);
         lock(&self.state.health).set_thresholds(rise, fall);
+        if config.weight != self.config.weight {
+            lock(&self.state.runtime_weight).take();
+        }
         let server = ServerRuntime {
             config,
             check,
@@ -146,9 +164,22 @@ impl ServerRuntime {
         self.state.sessions.open()
     }
 
+    /// The weight selection uses: one set at run time, else the file's.
+    pub fn weight(&self) -> u32 {
+        lock(&self.state.runtime_weight).unwrap_or(self.config.weight)
+    }
+
+    /// Sets the weight until a reload changes the file's weight for this server (or the
+    /// next restart); returns the weight in force before.
+    pub(super) fn set_weight(&self, weight: u32) -> u32 {
+        let previous = self.weight();
+        *lock(&self.state.runtime_weight) = Some(weight);
+        previous
+    }
+
     pub(super) fn candidate(&self) -> Candidate {
         Candidate {
-            weight: self.config.weight,
+            weight: self.weight(),
             eligible: self.takes_clients(),
             backup: self.config.backup,
             sessions: self.sessions(),
@@ -166,8 +197,17 @@ impl ServerRuntime {
     /// Feeds a check result (or a failed client connect) into the health state.
     pub(super) fn record_health(&self, passed: bool) -> Option<Transition> {
         let transition = lock(&self.state.health).record(passed);
+        if transition == Some(Transition::Down) {
+            self.state.down_transitions.fetch_add(1, Ordering::Relaxed);
+        }
         self.note_status();
         transition
+    }
+
+    /// Counts a failed health check (not a failed client connect: those are
+    /// `connect_errors`).
+    pub(super) fn count_failed_check(&self) {
+        self.state.checks_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn health_change_pending(&self) -> Option<(u32, u32)> {
@@ -196,6 +236,11 @@ impl ServerRuntime {
 
     pub(super) fn set_admin_state(&self, state: AdminState) -> AdminState {
         let previous = std::mem::replace(&mut *lock(&self.state.admin), state);
+        if previous == AdminState::Maint && state != AdminState::Maint {
+            // The last result predates the maintenance: show `pending` until a check
+            // says how the server is now.
+            lock(&self.state.last_check).take();
+        }
         self.note_status();
         previous
     }
@@ -215,6 +260,7 @@ impl ServerRuntime {
             }
             history.status = now;
             history.since = Instant::now();
+            history.since_wall = SystemTime::now();
         }
     }
 
@@ -251,25 +297,43 @@ impl ServerRuntime {
             totals
         };
         let status = self.status();
-        let (last_change, downtime) = {
+        let (last_change, last_change_at, downtime) = {
             let history = lock(&self.state.status);
             let current_down = if history.status == Status::Down {
                 history.since.elapsed()
             } else {
                 Duration::ZERO
             };
-            (history.since.elapsed(), history.downtime + current_down)
+            (
+                history.since.elapsed(),
+                humantime::format_rfc3339_seconds(history.since_wall).to_string(),
+                history.downtime + current_down,
+            )
         };
         let last_check = lock(&self.state.last_check).clone();
+        let checked = self.check.is_some();
+        let (check_status, check_detail) = match last_check {
+            // Maintenance stops the checks: the last result is history, said as such.
+            _ if checked && status == Status::Maint => (
+                Some(CHECKS_OFF.to_owned()),
+                Some(match &last_check {
+                    Some(check) => format!("the last check, before: {}", check.describe()),
+                    None => "no check ran before".to_owned(),
+                }),
+            ),
+            Some(check) => (Some(check.to_string()), Some(check.detail)),
+            None => (None, None),
+        };
         ServerStats {
             name: self.config.name.clone(),
             addr: self.config.addr.to_string(),
             status: status.as_str().to_owned(),
             admin_state: self.admin_state().as_str().to_owned(),
-            checked: self.check.is_some(),
-            check_status: last_check.as_ref().map(ToString::to_string),
-            check_detail: last_check.map(|check| check.detail),
-            weight: self.config.weight,
+            checked,
+            check_status,
+            check_detail,
+            weight: self.weight(),
+            config_weight: self.config.weight,
             backup: self.config.backup,
             sessions_cur: u64::from(self.sessions()),
             sessions_max: u64::from(self.state.sessions.peak()),
@@ -280,7 +344,10 @@ impl ServerRuntime {
             kernel_bytes,
             connect_errors: self.state.connect_errors.load(Ordering::Relaxed),
             last_change_secs: last_change.as_secs_f64(),
+            last_change_at,
             downtime_secs: downtime.as_secs_f64(),
+            checks_failed: self.state.checks_failed.load(Ordering::Relaxed),
+            down_transitions: self.state.down_transitions.load(Ordering::Relaxed),
         }
     }
 }
