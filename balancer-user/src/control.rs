@@ -454,4 +454,61 @@ mod tests {
             .unwrap();
         assert!(pending.contains(" DOWN   pending "), "{pending}");
     }
+
+    /// The `mxlb status` sample in docs/operations.md is this renderer's output for the
+    /// numbers it shows (taken from `mxlb demo`): the page cannot drift from the binary.
+    #[test]
+    fn the_documented_sample_is_what_the_table_prints() {
+        let docs = include_str!("../../docs/operations.md");
+        let start = docs
+            .find("$ mxlb status --stats 127.0.0.1:8404\n")
+            .expect("the sample in operations.md");
+        let sample = &docs[start..];
+        let sample = &sample[sample.find('\n').unwrap() + 1..sample.find("\n$ ").unwrap() + 1];
+        let mut snapshot = sample_without_reloads_or_bad_headers();
+        snapshot.uptime_secs = 4.2;
+        snapshot.relay = "kernel".to_owned();
+        snapshot.conns_cur = 0;
+        snapshot.integrity_errors = 0;
+        let listener = &mut snapshot.listeners[0];
+        listener.bind = vec!["127.0.0.1:2525".to_owned()];
+        (
+            listener.sessions_cur,
+            listener.sessions_max,
+            listener.sessions_total,
+        ) = (0, 1, 3);
+        (
+            listener.bytes_in,
+            listener.bytes_out,
+            listener.refused_no_server,
+        ) = (927, 849, 0);
+        listener.refused_limits = Default::default();
+        let template = listener.servers[0].clone();
+        // name, port, status, weight, sessions, bytes in, bytes out, seconds since a change
+        let demo = |(name, port, status, weight, total, bytes_in, bytes_out, change)| ServerStats {
+            name: String::from(name),
+            addr: format!("127.0.0.1:{port}"),
+            status: String::from(status),
+            check_status: Some("L7OK/250 in 0ms".to_owned()),
+            weight,
+            config_weight: 1,
+            sessions_cur: 0,
+            sessions_max: 1,
+            sessions_total: total,
+            bytes_in,
+            bytes_out,
+            connect_errors: 0,
+            checks_failed: 0,
+            down_transitions: 0,
+            last_change_secs: change,
+            downtime_secs: 0.0,
+            ..template.clone()
+        };
+        listener.servers = vec![
+            demo(("demo1", 10025, "UP", 3, 2, 618, 566, 4.1)),
+            demo(("demo2", 10026, "DRAIN", 1, 1, 309, 283, 0.3)),
+        ];
+        snapshot.listeners.truncate(1);
+        assert_eq!(render_table(&snapshot), sample);
+    }
 }
