@@ -636,6 +636,14 @@ mod tests {
             "sessions_total",
             "bytes_in",
             "bytes_out",
+            // HAProxy's Chk, Dwn, LastChg and Downtime, and the runtime weight.
+            "checks_failed",
+            "down_transitions",
+            "last_change_secs",
+            "last_change_at",
+            "downtime_secs",
+            "weight",
+            "config_weight",
         ] {
             assert!(!server[field].is_null(), "{field}");
         }
