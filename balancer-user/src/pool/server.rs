@@ -172,8 +172,9 @@ impl ServerRuntime {
     /// Sets the weight until a reload changes the file's weight for this server (or the
     /// next restart); returns the weight in force before.
     pub(super) fn set_weight(&self, weight: u32) -> u32 {
-        let previous = self.weight();
-        *lock(&self.state.runtime_weight) = Some(weight);
+        let mut runtime = lock(&self.state.runtime_weight);
+        let previous = runtime.unwrap_or(self.config.weight);
+        *runtime = Some(weight);
         previous
     }
 
@@ -385,4 +386,87 @@ impl Drop for SessionGuard {
 
 pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Listener};
+    use crate::health::CheckStatus;
+    use crate::pool::Pool;
+    use crate::stats::AdminError;
+
+    /// One listener with servers `a` (weight `weight_of_a`) and `b`, checked.
+    fn listener(weight_of_a: u32) -> Listener {
+        let text = format!(
+            "[[listen]]\nname = \"smtp\"\nbind = [\"127.0.0.1:2525\"]\n[listen.check]\n\
+             [[listen.server]]\nname = \"a\"\naddr = \"127.0.0.1:10025\"\nweight = {weight_of_a}\n\
+             [[listen.server]]\nname = \"b\"\naddr = \"127.0.0.1:10026\"\n"
+        );
+        let mut config = Config::parse(&text, "test.toml").unwrap();
+        config.listeners.remove(0)
+    }
+
+    fn weights(pool: &Pool) -> Vec<u32> {
+        pool.candidates().iter().map(|c| c.weight).collect()
+    }
+
+    #[test]
+    fn a_runtime_weight_lasts_until_the_file_changes_that_weight() {
+        let pool = Pool::new(&listener(1));
+        pool.set_weight("a", 3).unwrap();
+        assert_eq!(weights(&pool), [3, 1]);
+        assert!(matches!(
+            pool.set_weight("nope", 3),
+            Err(AdminError::UnknownServer { .. })
+        ));
+        // The same file again (or a change elsewhere): the runtime weight stays.
+        let same = pool.reconfigured(&listener(1));
+        assert_eq!(weights(&same), [3, 1]);
+        assert_eq!(same.servers[0].config.weight, 1);
+        // The file gives `a` another weight: the file's word is the newer one.
+        let edited = same.reconfigured(&listener(2));
+        assert_eq!(weights(&edited), [2, 1]);
+        edited.set_weight("a", 0).unwrap();
+        assert_eq!(weights(&edited), [0, 1]);
+    }
+
+    #[test]
+    fn leaving_maintenance_forgets_the_check_from_before() {
+        let pool = Pool::new(&listener(1));
+        let server = &pool.servers[0];
+        let passed = CheckResult {
+            status: CheckStatus::L7Ok,
+            code: Some(250),
+            duration: Duration::from_millis(1),
+            detail: "250 ok".to_owned(),
+        };
+        pool.record_check(server, passed.clone());
+        pool.set_admin_state("a", AdminState::Maint).unwrap();
+        assert_eq!(*lock(&server.state.last_check), Some(passed));
+        pool.set_admin_state("a", AdminState::Ready).unwrap();
+        assert_eq!(*lock(&server.state.last_check), None);
+    }
+
+    #[test]
+    fn failed_checks_and_down_transitions_are_counted() {
+        let pool = Pool::new(&listener(1));
+        let server = &pool.servers[0];
+        let failed = CheckResult {
+            status: CheckStatus::L4Con,
+            code: None,
+            duration: Duration::ZERO,
+            detail: "Connection refused".to_owned(),
+        };
+        // fall = 3 by default: the third failure takes it down, later ones count too.
+        for _ in 0..5 {
+            pool.record_check(server, failed.clone());
+        }
+        let state = &server.state;
+        assert_eq!(state.checks_failed.load(Ordering::Relaxed), 5);
+        assert_eq!(state.down_transitions.load(Ordering::Relaxed), 1);
+        // A failed client connect is a connect error, not a failed check.
+        pool.record_connect_failure(server, &std::io::Error::other("refused"));
+        assert_eq!(state.checks_failed.load(Ordering::Relaxed), 5);
+    }
 }
