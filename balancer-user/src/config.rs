@@ -39,7 +39,7 @@ const DEFAULT_RISE: u32 = 2;
 const DEFAULT_FALL: u32 = 3;
 const DEFAULT_WEIGHT: u32 = 1;
 /// HAProxy's maximum server weight.
-const MAX_WEIGHT: u32 = 256;
+pub const MAX_WEIGHT: u32 = 256;
 /// A few MiB: deep enough that a receiver that keeps up never pauses its sender, small next
 /// to the socket buffers TCP grants anyway (docs/architecture.md, "Bounded memory").
 const DEFAULT_MAX_INFLIGHT: u64 = 4 << 20;

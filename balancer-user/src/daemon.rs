@@ -77,6 +77,7 @@ pub async fn run(
             connections: connections.clone(),
             frontends: listeners.watch(),
             reloads: reloader.counters.clone(),
+            config: reloader.watch(),
         });
         let socket = match inherited.as_mut().and_then(|i| i.take_stats(stats.bind)) {
             Some(socket) => tokio::net::TcpListener::from_std(socket)
@@ -381,6 +382,8 @@ struct DaemonStats {
     /// The listeners of the configuration in force.
     frontends: watch::Receiver<Vec<Arc<Frontend>>>,
     reloads: Arc<ReloadCounters>,
+    /// The configuration in force.
+    config: watch::Receiver<Arc<Config>>,
 }
 
 impl StatsSource for DaemonStats {
@@ -404,12 +407,26 @@ impl StatsSource for DaemonStats {
     }
 
     fn set_state(&self, listener: &str, server: &str, state: AdminState) -> Result<(), AdminError> {
+        self.pool(listener)?.set_admin_state(server, state)
+    }
+
+    fn set_weight(&self, listener: &str, server: &str, weight: u32) -> Result<(), AdminError> {
+        self.pool(listener)?.set_weight(server, weight)
+    }
+
+    fn running_config(&self) -> String {
+        crate::running_config::render(&self.config.borrow())
+    }
+}
+
+impl DaemonStats {
+    /// The servers of the listener called `name`, in the configuration in force.
+    fn pool(&self, name: &str) -> Result<Arc<crate::pool::Pool>, AdminError> {
         self.frontends
             .borrow()
             .iter()
-            .find(|frontend| frontend.config.name == listener)
-            .ok_or_else(|| AdminError::UnknownListener(listener.to_owned()))?
-            .pool
-            .set_admin_state(server, state)
+            .find(|frontend| frontend.config.name == name)
+            .map(|frontend| frontend.pool.clone())
+            .ok_or_else(|| AdminError::UnknownListener(name.to_owned()))
     }
 }

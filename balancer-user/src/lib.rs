@@ -33,6 +33,7 @@ pub mod privilege;
 pub mod proxy_header;
 pub mod relay;
 pub mod reload;
+pub mod running_config;
 pub mod secret_file;
 pub mod session;
 pub mod sockopt;

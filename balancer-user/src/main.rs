@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mxlb::config::Config;
+use mxlb::config::{Config, MAX_WEIGHT};
+use mxlb::control::{Target, stats_url};
 use mxlb::stats::AdminState;
 
 /// mxlb: a load balancer for inbound SMTP that relays mail in the kernel.
@@ -62,9 +63,19 @@ enum Command {
     },
     /// Print the stats table of a running daemon.
     Status {
-        /// The daemon's stats URL (`[stats] bind`).
-        #[arg(long, default_value = mxlb::control::DEFAULT_STATS_URL)]
+        /// The daemon's stats address: `[stats] bind` (ADDR:PORT) or http://ADDR:PORT.
+        #[arg(long, default_value = mxlb::control::DEFAULT_STATS_URL, value_parser = stats_url)]
         stats: String,
+    },
+    /// Print the configuration a running daemon is using, as TOML (`GET /api/config`):
+    /// every key with the value in force; the admin token is not shown.
+    ShowConfig {
+        /// The daemon's stats address: `[stats] bind` (ADDR:PORT) or http://ADDR:PORT.
+        #[arg(long, default_value = mxlb::control::DEFAULT_STATS_URL, value_parser = stats_url)]
+        stats: String,
+        /// The `[stats] admin_token`; defaults to the environment variable MXLB_ADMIN_TOKEN.
+        #[arg(long, env = "MXLB_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
     },
     /// Administer servers of a running daemon.
     #[command(subcommand)]
@@ -81,13 +92,29 @@ enum Command {
 enum ServerCommand {
     /// Set a server to ready, drain (no new clients) or maint (no clients, no checks).
     SetState {
-        /// LISTEN/SERVER, as named in the configuration.
-        target: String,
+        /// LISTEN/SERVER, as named in the configuration (and in `mxlb status`).
+        target: Target,
         /// ready | drain | maint
         #[arg(value_parser = parse_admin_state)]
         state: AdminState,
-        /// The daemon's stats URL (`[stats] bind`).
-        #[arg(long, default_value = mxlb::control::DEFAULT_STATS_URL)]
+        /// The daemon's stats address: `[stats] bind` (ADDR:PORT) or http://ADDR:PORT.
+        #[arg(long, default_value = mxlb::control::DEFAULT_STATS_URL, value_parser = stats_url)]
+        stats: String,
+        /// The `[stats] admin_token`; defaults to the environment variable MXLB_ADMIN_TOKEN.
+        #[arg(long, env = "MXLB_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// Set a server's weight, like HAProxy's `set weight`: in force for the next client,
+    /// kept across reloads unless the file's weight for that server changes; a restart
+    /// goes back to the file.
+    SetWeight {
+        /// LISTEN/SERVER, as named in the configuration (and in `mxlb status`).
+        target: Target,
+        /// 0 (no new clients) to 256, as `weight` in the configuration.
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_WEIGHT)))]
+        weight: u32,
+        /// The daemon's stats address: `[stats] bind` (ADDR:PORT) or http://ADDR:PORT.
+        #[arg(long, default_value = mxlb::control::DEFAULT_STATS_URL, value_parser = stats_url)]
         stats: String,
         /// The `[stats] admin_token`; defaults to the environment variable MXLB_ADMIN_TOKEN.
         #[arg(long, env = "MXLB_ADMIN_TOKEN", hide_env_values = true)]
@@ -122,7 +149,7 @@ EXIT STATUS:
 
 ENVIRONMENT:
   RUST_LOG          log level and filters (default info), e.g. RUST_LOG=debug
-  MXLB_ADMIN_TOKEN  the admin token for `mxlb server set-state`
+  MXLB_ADMIN_TOKEN  the admin token for `mxlb server set-state`, `set-weight`, `show-config`
   NOTIFY_SOCKET     set by systemd (Type=notify): READY=1, RELOADING=1, STOPPING=1
 
 SEE ALSO:
@@ -166,34 +193,42 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => start_daemon(config, Start::Run),
         Command::Upgrade { config } => start_daemon(config, Start::Upgrade),
-        Command::Status { stats } => match mxlb::control::fetch(&stats) {
-            Ok(snapshot) => {
-                print!("{}", mxlb::control::render_table(&snapshot));
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("mxlb: {error:#}");
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        },
+        Command::Status { stats } => report(mxlb::control::fetch(&stats), |snapshot| {
+            print!("{}", mxlb::control::render_table(&snapshot));
+        }),
+        Command::ShowConfig { stats, token } => {
+            report(mxlb::control::running_config(&stats, &token), |text| {
+                print!("{text}");
+            })
+        }
         Command::Server(ServerCommand::SetState {
             target,
             state,
             stats,
             token,
-        }) => match mxlb::control::set_state(&stats, &target, state, &token) {
-            Ok(server) => {
+        }) => report(
+            mxlb::control::set_state(&stats, &target, state, &token),
+            |server| {
                 println!(
                     "{target}: {} (admin state {})",
                     server.status, server.admin_state
                 );
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("mxlb: {error:#}");
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        },
+            },
+        ),
+        Command::Server(ServerCommand::SetWeight {
+            target,
+            weight,
+            stats,
+            token,
+        }) => report(
+            mxlb::control::set_weight(&stats, &target, weight, &token),
+            |server| {
+                println!(
+                    "{target}: weight {} (the configuration says {})",
+                    server.weight, server.config_weight
+                );
+            },
+        ),
         Command::ImportHaproxy { path } => import_haproxy(&path),
         Command::Demo { port, stats } => {
             match mxlb::demo::config(mxlb::demo::Options { port, stats }) {
@@ -211,6 +246,21 @@ fn main() -> ExitCode {
 fn counted(count: usize, noun: &str) -> String {
     let plural = if count == 1 { "" } else { "s" };
     format!("{count} {noun}{plural}")
+}
+
+/// A command that asked the daemon: `show` its answer and exit 0, or say why not and
+/// exit 1.
+fn report<T>(answer: anyhow::Result<T>, show: impl FnOnce(T)) -> ExitCode {
+    match answer {
+        Ok(answer) => {
+            show(answer);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("mxlb: {error:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 /// Prints the converted configuration and the unmapped lines; exit 0 even with unmapped

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, Global};
@@ -42,16 +43,25 @@ pub struct Reloader {
     /// `None` for `mxlb demo`, whose configuration is built in.
     path: Option<PathBuf>,
     running: Config,
+    /// `running`, for the stats thread (`GET /api/config`).
+    published: watch::Sender<Arc<Config>>,
     pub counters: Arc<ReloadCounters>,
 }
 
 impl Reloader {
     pub fn new(path: Option<PathBuf>, running: Config) -> Reloader {
+        let (published, _) = watch::channel(Arc::new(running.clone()));
         Reloader {
             path,
             running,
+            published,
             counters: Arc::default(),
         }
+    }
+
+    /// The configuration in force, kept up to date across reloads.
+    pub fn watch(&self) -> watch::Receiver<Arc<Config>> {
+        self.published.subscribe()
     }
 
     /// The configuration in force (for `global.grace` at shutdown).
@@ -114,6 +124,7 @@ impl Reloader {
         }
         relay.set_kernel_relay_after(next.global.kernel_relay_after);
         self.running = next;
+        self.published.send_replace(Arc::new(self.running.clone()));
         Ok(changes.to_string())
     }
 }

@@ -43,6 +43,11 @@ impl TrustedUpstreams {
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty()
     }
+
+    /// The blocks, in the order written (an address is its /32 or /128).
+    pub fn blocks(&self) -> &[IpNet] {
+        &self.blocks
+    }
 }
 
 /// An entry of `accept_proxy_from` that is neither an address nor a CIDR block.

@@ -716,12 +716,7 @@ pub mod http {
 
     /// `GET url`: status and body.
     pub fn get(url: &str) -> anyhow::Result<(u16, String)> {
-        let mut response = agent()
-            .get(url)
-            .call()
-            .with_context(|| format!("GET {url}"))?;
-        let status = response.status().as_u16();
-        Ok((status, response.body_mut().read_to_string()?))
+        get_with_token(url, None)
     }
 
     /// `GET url` that must answer 200 with JSON.
@@ -739,15 +734,67 @@ pub mod http {
         token: Option<&str>,
         body: &serde_json::Value,
     ) -> anyhow::Result<(u16, String)> {
-        let mut request = agent().post(url);
+        send_json("POST", url, token, body)
+    }
+
+    /// [`post_json`] as `PUT`.
+    pub fn put_json(
+        url: &str,
+        token: Option<&str>,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, String)> {
+        send_json("PUT", url, token, body)
+    }
+
+    fn send_json(
+        method: &str,
+        url: &str,
+        token: Option<&str>,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, String)> {
+        let agent = agent();
+        let mut request = match method {
+            "PUT" => agent.put(url),
+            _ => agent.post(url),
+        };
         if let Some(token) = token {
             request = request.header("Authorization", &format!("Bearer {token}"));
         }
         let mut response = request
             .send_json(body)
-            .with_context(|| format!("POST {url}"))?;
+            .with_context(|| format!("{method} {url}"))?;
         let status = response.status().as_u16();
         Ok((status, response.body_mut().read_to_string()?))
+    }
+
+    /// `GET url` with a bearer token, if any: status and body.
+    pub fn get_with_token(url: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+        let mut request = agent().get(url);
+        if let Some(token) = token {
+            request = request.header("Authorization", &format!("Bearer {token}"));
+        }
+        let mut response = request.call().with_context(|| format!("GET {url}"))?;
+        let status = response.status().as_u16();
+        Ok((status, response.body_mut().read_to_string()?))
+    }
+
+    /// One sample of the daemon's `/metrics` at `base`, read with a real Prometheus parser:
+    /// the first of family `name` whose labels include `labels`.
+    pub fn metric(base: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        let (status, text) = get(&format!("{base}/metrics"))?;
+        anyhow::ensure!(status == 200, "/metrics: {status}");
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .and_then(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(v),
+                _ => None,
+            })
+            .with_context(|| format!("no sample {name}{labels:?} in\n{text}"))
     }
 
     /// The server called `name` of listener `listener` in an `/api/stats` answer.

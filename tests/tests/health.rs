@@ -313,3 +313,247 @@ fn failed_checks_are_classified_and_clients_get_421() -> Result<()> {
     ensure!(reply.starts_with("421 4.3.0 "), "{reply:?}");
     Ok(())
 }
+
+/// An SMTP server just good enough for checks (banner, 250 to anything, 221 to QUIT)
+/// that can be stopped, closing its port, and started again on the same address.
+struct SwitchableSmtp {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl SwitchableSmtp {
+    fn start(addr: SocketAddr) -> Result<SwitchableSmtp> {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        thread::spawn(move || Self::converse(stream));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(SwitchableSmtp {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn converse(mut stream: TcpStream) {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = stream.write_all(b"220 switchable ESMTP\r\n");
+        let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0) {
+            let quit = line.trim().eq_ignore_ascii_case("QUIT");
+            let reply: &[u8] = if quit { b"221 bye\r\n" } else { b"250 ok\r\n" };
+            if stream.write_all(reply).is_err() || quit {
+                return;
+            }
+            line.clear();
+        }
+    }
+
+    /// Closes the port: checks get `L4CON` from here on.
+    fn stop(mut self) -> SocketAddr {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.addr
+    }
+}
+
+/// Reads the one field of a server that the test follows.
+fn server_field(stats_addr: SocketAddr, server: &str, field: &str) -> Result<serde_json::Value> {
+    let stats = get_json(&format!("http://{stats_addr}/api/stats"))?;
+    Ok(mxlb_tests::mxlb::http::server(&stats, "smtp", server)?[field].clone())
+}
+
+/// Waits until the stats show a passed SMTP check of `server`.
+fn wait_for_passed_check(stats_addr: SocketAddr, server: &str) -> Result<()> {
+    mxlb_tests::wait_until(&format!("a passed check of {server}"), WAIT, INTER, || {
+        let check = server_field(stats_addr, server, "check_status")?;
+        Ok(check
+            .as_str()
+            .is_some_and(|c| c.starts_with("L7OK/250"))
+            .then_some(()))
+    })
+}
+
+/// The `mxlb` command with `args`, its exit status and output.
+fn mxlb_cli(args: &[&str]) -> Result<mxlb_tests::CommandOutput> {
+    mxlb_tests::run_command(
+        std::process::Command::new(mxlb_tests::mxlb::binary())
+            .args(args)
+            .env_remove("MXLB_ADMIN_TOKEN"),
+        Duration::from_secs(10),
+    )
+}
+
+/// The row of `server` in `mxlb status` output, split into cells at runs of spaces.
+fn status_row(table: &str, server: &str) -> Result<Vec<String>> {
+    let row = table
+        .lines()
+        .find(|line| line.trim_start().starts_with(&format!("{server} ")))
+        .with_context(|| format!("no row for {server} in:\n{table}"))?;
+    Ok(row
+        .split("  ")
+        .map(str::trim)
+        .filter(|cell| !cell.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// HAProxy's Chk, Dwn, LastChg and Downtime: a server whose backend stops goes DOWN and
+/// comes back, and the JSON, the metrics and `mxlb status` count it the same way. In
+/// maintenance its checks stop and every view says so instead of showing the last result.
+#[test]
+fn health_history_counts_a_down_and_back_and_maintenance_shows_checks_off() -> Result<()> {
+    const TOKEN: &str = "history-token";
+    let one = SwitchableSmtp::start("127.0.0.1:0".parse()?)?;
+    let two = SwitchableSmtp::start("127.0.0.1:0".parse()?)?;
+    let servers = [
+        ServerEntry {
+            name: "one",
+            addr: one.addr,
+            send_proxy: "none",
+        },
+        ServerEntry {
+            name: "two",
+            addr: two.addr,
+            send_proxy: "none",
+        },
+    ];
+    let listen = free_addr();
+    let stats_addr = free_addr();
+    let pins = pin_path("history");
+    let keys = check_keys(INTER, CHECK_TIMEOUT);
+    let text = config_with_listener_keys(RelayKind::UserSpace, &pins, listen, &servers, &keys);
+    let mxlb = Mxlb::start(&with_stats(&text, stats_addr, Some(TOKEN)), listen, &pins)?;
+    let base = format!("http://{stats_addr}");
+    wait_for_passed_check(stats_addr, "one")?;
+    ensure!(server_field(stats_addr, "one", "checks_failed")? == 0);
+    ensure!(server_field(stats_addr, "one", "down_transitions")? == 0);
+
+    // The backend stops: DOWN after `fall` failed checks; it stays down a while (at least
+    // a second, so that `mxlb status` shows it), then comes back on the same address.
+    let addr = one.stop();
+    mxlb.wait_for_log_count("server smtp/one is DOWN", 1, WAIT)?;
+    mxlb_tests::wait_until("a second of downtime", WAIT, INTER, || {
+        let down = server_field(stats_addr, "one", "downtime_secs")?;
+        Ok((down.as_f64().unwrap_or_default() >= 1.0).then_some(()))
+    })?;
+    let _one = SwitchableSmtp::start(addr)?;
+    mxlb.wait_for_log_count("server smtp/one is UP", 1, WAIT)?;
+
+    let stats = get_json(&format!("{base}/api/stats"))?;
+    let shown = mxlb_tests::mxlb::http::server(&stats, "smtp", "one")?;
+    let checks_failed = shown["checks_failed"].as_u64().context("checks_failed")?;
+    ensure!(checks_failed >= u64::from(FALL), "{shown}");
+    ensure!(shown["down_transitions"] == 1, "{shown}");
+    ensure!(shown["status"] == "UP", "{shown}");
+    let downtime = shown["downtime_secs"].as_f64().context("downtime_secs")?;
+    ensure!(downtime >= 1.0, "{shown}");
+    let at = shown["last_change_at"].as_str().context("last_change_at")?;
+    ensure!(
+        at.len() == 20 && at.as_bytes()[10] == b'T' && at.ends_with('Z'),
+        "RFC 3339: {shown}"
+    );
+    let other = mxlb_tests::mxlb::http::server(&stats, "smtp", "two")?;
+    ensure!(
+        other["checks_failed"] == 0 && other["down_transitions"] == 0,
+        "{other}"
+    );
+
+    let labels = [("listener", "smtp"), ("server", "one")];
+    let metric = |name| mxlb_tests::mxlb::http::metric(&base, name, &labels);
+    ensure!(metric("mxlb_server_checks_failed_total")? == checks_failed as f64);
+    ensure!(metric("mxlb_server_down_transitions_total")? == 1.0);
+    ensure!(metric("mxlb_server_downtime_seconds_total")? >= downtime);
+    ensure!(metric("mxlb_server_last_change_seconds")? >= 0.0);
+
+    let table = mxlb_cli(&["status", "--stats", &stats_addr.to_string()])?;
+    ensure!(table.status.success(), "{}", table.output);
+    let row = status_row(&table.output, "one")?;
+    // … errors, chk, dwn, last chg, downtime
+    let tail: Vec<&str> = row.iter().rev().take(4).rev().map(String::as_str).collect();
+    ensure!(
+        tail[0] == checks_failed.to_string() && tail[1] == "1" && tail[3] != "0s",
+        "{row:?} in\n{}",
+        table.output
+    );
+
+    // Maintenance: no checks, and no view shows the last result as if it were current.
+    let maint = mxlb_cli(&[
+        "server",
+        "set-state",
+        "smtp/one",
+        "maint",
+        "--stats",
+        &stats_addr.to_string(),
+        "--token",
+        TOKEN,
+    ])?;
+    ensure!(maint.status.success(), "{}", maint.output);
+    let stats = get_json(&format!("{base}/api/stats"))?;
+    let shown = mxlb_tests::mxlb::http::server(&stats, "smtp", "one")?;
+    ensure!(
+        shown["status"] == "MAINT" && shown["check_status"] == "MAINT (checks off)",
+        "{shown}"
+    );
+    let detail = shown["check_detail"].as_str().unwrap_or_default();
+    ensure!(
+        detail.starts_with("the last check, before: L7OK/250"),
+        "{shown}"
+    );
+    let other = mxlb_tests::mxlb::http::server(&stats, "smtp", "two")?;
+    ensure!(
+        other["check_status"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("L7OK/250")),
+        "{other}"
+    );
+    let table = mxlb_cli(&["status", "--stats", &base])?;
+    let row = status_row(&table.output, "one")?;
+    ensure!(
+        row[2] == "MAINT" && row[3] == "MAINT (checks off)",
+        "{row:?} in\n{}",
+        table.output
+    );
+    let (status, page) = mxlb_tests::mxlb::http::get(&base)?;
+    ensure!(status == 200);
+    let page_row = page
+        .split(r#"<tr id="srv-smtp-one""#)
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .context("the page has a row for one")?;
+    ensure!(
+        page_row.contains(">MAINT (checks off)</td>") && !page_row.contains(">L7OK/250"),
+        "{page_row}"
+    );
+
+    // Back to ready: `pending` until a check says how the server is now, then L7OK.
+    let ready = mxlb_tests::mxlb::http::post_json(
+        &format!("{base}/api/servers/smtp/one/state"),
+        Some(TOKEN),
+        &serde_json::json!({"state": "ready"}),
+    )?;
+    ensure!(ready.0 == 200, "{ready:?}");
+    let answer: serde_json::Value = serde_json::from_str(&ready.1)?;
+    ensure!(answer["check_status"].is_null(), "{answer}");
+    wait_for_passed_check(stats_addr, "one")?;
+    drop(mxlb);
+    Ok(())
+}
+
+/// For conditions the test waits for; never reached when all is well.
+const WAIT: Duration = Duration::from_secs(20);

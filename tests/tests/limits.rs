@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use mxlb_tests::backend::{HoldingBackend, read_line};
-use mxlb_tests::mxlb::http::{get, get_json, server};
+use mxlb_tests::mxlb::http::{get_json, metric, server};
 use mxlb_tests::mxlb::{
     Mxlb, RelayKind, ServerEntry, config_with_listener_keys, pin_path, with_global_keys, with_stats,
 };
@@ -115,24 +115,6 @@ fn ensure_refused(listener: &serde_json::Value, expected: &[(&str, u64)]) -> Res
         );
     }
     Ok(())
-}
-
-/// One sample of `/metrics`, read with a real Prometheus parser.
-fn metric(base: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-    let (status, text) = get(&format!("{base}/metrics"))?;
-    ensure!(status == 200, "/metrics: {status}");
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .and_then(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => Some(v),
-            _ => None,
-        })
-        .with_context(|| format!("no sample {name}{labels:?} in\n{text}"))
 }
 
 /// Waits until a listener's (or server's, with `server`) `field` reads `value`.

@@ -627,3 +627,117 @@ fn kernel_relay_after_changes_with_a_reload() -> Result<()> {
     );
     Ok(())
 }
+
+/// `mxlb show-config` as an operator runs it against the daemon at `stats`.
+fn show_config(stats: SocketAddr, token: Option<&str>) -> Result<mxlb_tests::CommandOutput> {
+    let mut command = std::process::Command::new(mxlb_tests::mxlb::binary());
+    command
+        .args(["show-config", "--stats", &stats.to_string()])
+        .env_remove("MXLB_ADMIN_TOKEN");
+    if let Some(token) = token {
+        command.env("MXLB_ADMIN_TOKEN", token);
+    }
+    mxlb_tests::run_command(&mut command, Duration::from_secs(10))
+}
+
+/// The value of `key` in the `[[listen.server]]` block of server `name` of a `show-config`.
+fn server_key<'a>(config: &'a str, name: &str, key: &str) -> Option<&'a str> {
+    config
+        .split("[[listen.server]]")
+        .find(|block| block.contains(&format!("\nname = \"{name}\"\n")))?
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{key} = ")))
+}
+
+/// `GET /api/config` and `mxlb show-config` print the configuration in force: after a
+/// reload the new file, after a refused reload still the old one, never the admin token.
+/// A weight set at run time survives a reload that leaves the server's weight in the file
+/// alone, and gives way to one that changes it.
+#[test]
+fn show_config_follows_reloads_and_a_runtime_weight_lasts_until_the_file_changes_it() -> Result<()>
+{
+    let (a, b) = (named("a")?, named("b")?);
+    let (listen, base) = (free_addr(), free_addr());
+    let pins = pin_path("reload-config");
+    let servers = [entry("a", a.addr), entry("b", b.addr)];
+    let text = |weight_of_a: u32, retries: u32| {
+        let keys = format!("retries = {retries}\n");
+        let text = config_with_listener_keys(RelayKind::UserSpace, &pins, listen, &servers, &keys);
+        let text = text.replacen(
+            "name = \"a\"\n",
+            &format!("name = \"a\"\nweight = {weight_of_a}\n"),
+            1,
+        );
+        with_stats(&text, base, Some(TOKEN))
+    };
+    let mxlb = Mxlb::start(&text(1, 3), listen, &pins)?;
+
+    // Behind the token: 401 over HTTP, a failure from the command.
+    let url = format!("http://{base}/api/config");
+    let (status, body) = mxlb_tests::mxlb::http::get_with_token(&url, None)?;
+    ensure!(status == 401, "{status} {body}");
+    let (status, _) = mxlb_tests::mxlb::http::get_with_token(&url, Some("wrong"))?;
+    ensure!(status == 401);
+    let refused = show_config(base, Some("wrong"))?;
+    ensure!(
+        refused.status.code() == Some(1) && refused.output.contains("401"),
+        "{refused:?}"
+    );
+    let missing = show_config(base, None)?;
+    ensure!(missing.status.code() == Some(2), "{missing:?}");
+
+    let shown = show_config(base, Some(TOKEN))?;
+    ensure!(shown.status.success(), "{}", shown.output);
+    ensure!(shown.output.contains("\nretries = 3\n"), "{}", shown.output);
+    ensure!(
+        server_key(&shown.output, "a", "weight") == Some("1"),
+        "{}",
+        shown.output
+    );
+    ensure!(
+        !shown.output.contains(TOKEN) && shown.output.contains("# admin_token is set (not shown)"),
+        "{}",
+        shown.output
+    );
+    let (status, body) = mxlb_tests::mxlb::http::get_with_token(&url, Some(TOKEN))?;
+    ensure!(status == 200 && body == shown.output, "{status} {body}");
+
+    let weight_url = format!("http://{base}/api/servers/smtp/a/weight");
+    let (status, body) = post_json(&weight_url, Some(TOKEN), &serde_json::json!({"weight": 3}))?;
+    ensure!(status == 200, "{status} {body}");
+
+    // The file changes elsewhere: shown after the reload; a's runtime weight stays.
+    let verdict = mxlb.reload(&text(1, 5))?;
+    ensure!(verdict.contains("configuration reloaded"), "{verdict}");
+    let shown = show_config(base, Some(TOKEN))?;
+    ensure!(shown.output.contains("\nretries = 5\n"), "{}", shown.output);
+    let snapshot = stats(base)?;
+    let of_a = server(&snapshot, "smtp", "a")?;
+    ensure!(
+        field(of_a, "weight") == 3 && field(of_a, "config_weight") == 1,
+        "{of_a}"
+    );
+
+    // A refused reload: what runs is still shown, not the file on disk.
+    let verdict = mxlb.reload(&text(1, 5).replace("retries = 5", "retries = 1000"))?;
+    ensure!(verdict.contains("reload failed"), "{verdict}");
+    let shown = show_config(base, Some(TOKEN))?;
+    ensure!(shown.output.contains("\nretries = 5\n"), "{}", shown.output);
+
+    // The file gives a another weight: the file's word is the newer one.
+    let verdict = mxlb.reload(&text(2, 5))?;
+    ensure!(verdict.contains("configuration reloaded"), "{verdict}");
+    let snapshot = stats(base)?;
+    let of_a = server(&snapshot, "smtp", "a")?;
+    ensure!(
+        field(of_a, "weight") == 2 && field(of_a, "config_weight") == 2,
+        "{of_a}"
+    );
+    let shown = show_config(base, Some(TOKEN))?;
+    ensure!(
+        server_key(&shown.output, "a", "weight") == Some("2"),
+        "{}",
+        shown.output
+    );
+    Ok(())
+}

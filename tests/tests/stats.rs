@@ -13,11 +13,11 @@ use mxlb_tests::backend::{
     Backend, Digest256, HoldingBackend, digest_until_eof, read_line, send_pattern,
     send_pattern_and_finish,
 };
-use mxlb_tests::free_addr;
-use mxlb_tests::mxlb::http::{get, get_json, post_json, server};
+use mxlb_tests::mxlb::http::{get, get_json, metric, post_json, put_json, server};
 use mxlb_tests::mxlb::{
     Mxlb, RelayKind, ServerEntry, binary, config, config_with_listener_keys, pin_path, with_stats,
 };
+use mxlb_tests::{free_addr, wait_until};
 
 const TOKEN: &str = "s3cret-admin-token";
 const BANNER: &[u8] = b"220 counted\r\n";
@@ -40,6 +40,22 @@ fn session(listen: SocketAddr, seed: u64, size: u64) -> Result<()> {
     let (_, rest) = send_pattern_and_finish(&mut client, seed, size)?;
     ensure!(rest == REPLY, "{rest:?}");
     Ok(())
+}
+
+/// Servers `one` (sent PROXY v1) and `two` (v2), in that order.
+fn one_and_two(one: SocketAddr, two: SocketAddr) -> [ServerEntry<'static>; 2] {
+    [
+        ServerEntry {
+            name: "one",
+            addr: one,
+            send_proxy: "v1",
+        },
+        ServerEntry {
+            name: "two",
+            addr: two,
+            send_proxy: "v2",
+        },
+    ]
 }
 
 fn u64_of(value: &serde_json::Value, field: &str) -> u64 {
@@ -69,23 +85,7 @@ fn exact_counts(relay: RelayKind) -> Result<()> {
     let listen = free_addr();
     let stats_addr = free_addr();
     let pins = pin_path(&format!("stats-{relay:?}"));
-    let text = config(
-        relay,
-        &pins,
-        listen,
-        &[
-            ServerEntry {
-                name: "one",
-                addr: one.addr,
-                send_proxy: "v1",
-            },
-            ServerEntry {
-                name: "two",
-                addr: two.addr,
-                send_proxy: "v2",
-            },
-        ],
-    );
+    let text = config(relay, &pins, listen, &one_and_two(one.addr, two.addr));
     let mxlb = Mxlb::start(&with_stats(&text, stats_addr, None), listen, &pins)?;
     let base = format!("http://{stats_addr}");
 
@@ -138,10 +138,15 @@ fn exact_counts(relay: RelayKind) -> Result<()> {
         "{listener}"
     );
 
-    // The same table in the terminal.
-    let table = mxlb_cli(&["status", "--stats", &base])?;
+    // The same table in the terminal, in the page's units, asked with the `[stats] bind`
+    // address as the file writes it.
+    let table = mxlb_cli(&["status", "--stats", &stats_addr.to_string()])?;
     ensure!(table.status.success(), "{}", table.output);
-    for (name, sent) in [("one", sizes[0] + sizes[2]), ("two", sizes[1] + sizes[3])] {
+    ensure!(
+        sizes[0] + sizes[2] == 301_000 && sizes[1] + sizes[3] == 3_020_000,
+        "the units below are for these sizes"
+    );
+    for (name, sent) in [("one", "293.9 KiB"), ("two", "2.9 MiB")] {
         let row = table
             .output
             .lines()
@@ -251,18 +256,7 @@ fn drain_maint_and_admin_token() -> Result<()> {
         RelayKind::Kernel,
         &pins,
         listen,
-        &[
-            ServerEntry {
-                name: "one",
-                addr: one,
-                send_proxy: "v1",
-            },
-            ServerEntry {
-                name: "two",
-                addr: two,
-                send_proxy: "v1",
-            },
-        ],
+        &one_and_two(one, two),
         keys,
     );
     let mxlb = Mxlb::start(&with_stats(&text, stats_addr, Some(TOKEN)), listen, &pins)?;
@@ -478,5 +472,173 @@ fn session_through(listen: SocketAddr) -> Result<()> {
     client.shutdown(Shutdown::Write)?;
     let mut rest = Vec::new();
     client.read_to_end(&mut rest)?;
+    Ok(())
+}
+
+/// Sessions each server has finished, by name, from `/api/stats`.
+fn sessions_by_server(base: &str) -> Result<(u64, u64)> {
+    let stats = get_json(&format!("{base}/api/stats"))?;
+    let of = |name| -> Result<u64> { Ok(u64_of(server(&stats, "smtp", name)?, "sessions_total")) };
+    Ok((of("one")?, of("two")?))
+}
+
+/// HAProxy's `set weight`: weights 1:1, then 3:1 set at run time; new connections follow
+/// the new weights (counted by the servers' own session counters), and the page, the JSON,
+/// the metrics and `mxlb status` show the weight in force. Wrong requests change nothing,
+/// and a wrongly written command line is a usage error (exit 2) that says how to write it.
+#[test]
+fn runtime_weight_changes_the_split_and_shows_everywhere() -> Result<()> {
+    let (one, two) = (counting_backend()?, counting_backend()?);
+    let listen = free_addr();
+    let stats_addr = free_addr();
+    let pins = pin_path("weight");
+    let servers = one_and_two(one.addr, two.addr);
+    let text = config(RelayKind::UserSpace, &pins, listen, &servers);
+    let mxlb = Mxlb::start(&with_stats(&text, stats_addr, Some(TOKEN)), listen, &pins)?;
+    let base = format!("http://{stats_addr}");
+    let addr = stats_addr.to_string();
+    let mut finished = 0;
+    let mut sessions = |count: usize| -> Result<(u64, u64)> {
+        for _ in 0..count {
+            session(listen, finished as u64, 100)?;
+            finished += 1;
+        }
+        mxlb.wait_for_log_count("connection finished", finished, Duration::from_secs(10))?;
+        // The stats port shares a snapshot for up to 200 ms under a burst of requests.
+        wait_until(
+            "the stats to count every session",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                let (one, two) = sessions_by_server(&base)?;
+                Ok((one + two == finished as u64).then_some((one, two)))
+            },
+        )
+    };
+    ensure!(sessions(4)? == (2, 2), "1:1 alternates");
+
+    // Refused: no token, out of range, unknown server; usage errors exit 2.
+    let url = format!("{base}/api/servers/smtp/one/weight");
+    ensure!(post_json(&url, None, &serde_json::json!({"weight": 3}))?.0 == 401);
+    let (status, body) = post_json(&url, Some(TOKEN), &serde_json::json!({"weight": 257}))?;
+    ensure!(
+        status == 400 && body.contains("between 0 and 256"),
+        "{status} {body}"
+    );
+    let unknown = format!("{base}/api/servers/smtp/nope/weight");
+    ensure!(post_json(&unknown, Some(TOKEN), &serde_json::json!({"weight": 3}))?.0 == 404);
+    for (args, says) in [
+        (
+            vec![
+                "server",
+                "set-weight",
+                "smtp/one",
+                "300",
+                "--stats",
+                &addr,
+                "--token",
+                TOKEN,
+            ],
+            "300 is not in 0..=256",
+        ),
+        (
+            vec![
+                "server",
+                "set-state",
+                "one",
+                "drain",
+                "--stats",
+                &addr,
+                "--token",
+                TOKEN,
+            ],
+            "\"one\" is not LISTEN/SERVER",
+        ),
+        (
+            vec![
+                "server",
+                "set-weight",
+                "one",
+                "3",
+                "--stats",
+                &addr,
+                "--token",
+                TOKEN,
+            ],
+            "e.g. smtp/one",
+        ),
+        (vec!["status", "--stats", "127.0.0.1"], "has no port"),
+    ] {
+        let refused = mxlb_cli(&args)?;
+        ensure!(
+            refused.status.code() == Some(2) && refused.output.contains(says),
+            "{args:?}: {:?} {}",
+            refused.status,
+            refused.output
+        );
+    }
+    let stats = get_json(&format!("{base}/api/stats"))?;
+    ensure!(
+        u64_of(server(&stats, "smtp", "one")?, "weight") == 1,
+        "{stats}"
+    );
+
+    // 3:1 from the command line: the next eight clients split 6:2.
+    let set = mxlb_cli(&[
+        "server",
+        "set-weight",
+        "smtp/one",
+        "3",
+        "--stats",
+        &addr,
+        "--token",
+        TOKEN,
+    ])?;
+    ensure!(set.status.success(), "{}", set.output);
+    ensure!(
+        set.output.trim() == "smtp/one: weight 3 (the configuration says 1)",
+        "{}",
+        set.output
+    );
+    let (on_one, on_two) = sessions(8)?;
+    ensure!(
+        (on_one - 2, on_two - 2) == (6, 2),
+        "3:1 splits eight clients 6:2, got {} and {}",
+        on_one - 2,
+        on_two - 2
+    );
+
+    let stats = get_json(&format!("{base}/api/stats"))?;
+    let shown = server(&stats, "smtp", "one")?;
+    ensure!(
+        u64_of(shown, "weight") == 3 && u64_of(shown, "config_weight") == 1,
+        "{shown}"
+    );
+    let labels = [("listener", "smtp"), ("server", "one")];
+    ensure!(metric(&base, "mxlb_server_weight", &labels)? == 3.0);
+    let table = mxlb_cli(&["status", "--stats", &addr])?;
+    ensure!(
+        table
+            .output
+            .contains("  * one: weight 3 set at run time; the configuration says 1"),
+        "{}",
+        table.output
+    );
+    let (_, page) = get(&base)?;
+    ensure!(
+        page.contains(r#"<td title="set at run time; the configuration says 1">3*</td>"#),
+        "{page}"
+    );
+
+    // Weight 0 (PUT, as HAProxy's runtime API clients often send): no new clients.
+    let put = put_json(&url, Some(TOKEN), &serde_json::json!({"weight": 0}))?;
+    ensure!(put.0 == 200, "{put:?}");
+    let before = sessions_by_server(&base)?;
+    let after = sessions(3)?;
+    ensure!(
+        after == (before.0, before.1 + 3),
+        "{before:?} then {after:?}"
+    );
+    drop(mxlb);
     Ok(())
 }

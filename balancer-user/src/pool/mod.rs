@@ -155,6 +155,9 @@ impl Pool {
     /// Records a health check result; logs results that move the server towards a state
     /// change, and the change itself.
     pub fn record_check(&self, server: &ServerRuntime, result: CheckResult) {
+        if !result.passed() {
+            server.count_failed_check();
+        }
         let transition = server.record_health(result.passed());
         let why = result.describe();
         server.set_last_check(result);
@@ -215,16 +218,21 @@ impl Pool {
         (up(false), up(true))
     }
 
-    /// Sets the operator's state of the server called `name`.
-    pub fn set_admin_state(&self, name: &str, state: AdminState) -> Result<(), AdminError> {
-        let server = self
-            .servers
+    /// The server called `name`.
+    fn server(&self, name: &str) -> Result<&ServerRuntime, AdminError> {
+        self.servers
             .iter()
             .find(|s| s.config.name == name)
+            .map(AsRef::as_ref)
             .ok_or_else(|| AdminError::UnknownServer {
                 listener: self.listener.clone(),
                 server: name.to_owned(),
-            })?;
+            })
+    }
+
+    /// Sets the operator's state of the server called `name`.
+    pub fn set_admin_state(&self, name: &str, state: AdminState) -> Result<(), AdminError> {
+        let server = self.server(name)?;
         let previous = server.set_admin_state(state);
         if previous != state {
             info!(
@@ -234,6 +242,20 @@ impl Pool {
                 previous.as_str(),
                 state.as_str(),
                 server.status().as_str()
+            );
+        }
+        Ok(())
+    }
+
+    /// Sets the weight of the server called `name` (HAProxy's `set weight`), in force for
+    /// the next pick.
+    pub fn set_weight(&self, name: &str, weight: u32) -> Result<(), AdminError> {
+        let previous = self.server(name)?.set_weight(weight);
+        if previous != weight {
+            info!(
+                server = %format!("{}/{name}", self.listener),
+                "server {}/{name} weight set from {previous} to {weight} by the admin API",
+                self.listener,
             );
         }
         Ok(())

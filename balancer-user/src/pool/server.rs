@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::balance::Candidate;
 use crate::config::Server;
 use crate::health::{CheckResult, CheckSpec, HealthState, Transition};
 use crate::limits::{Gauge, Slot};
 use crate::relay::{LiveTraffic, Relay, Transfer};
+use crate::stats::model::CHECKS_OFF;
 use crate::stats::{AdminState, ServerStats};
 
 /// What the stats call a server's status: the operator's state overrides health.
@@ -47,6 +48,9 @@ struct ServerState {
     health: Mutex<HealthState>,
     last_check: Mutex<Option<CheckResult>>,
     admin: Mutex<AdminState>,
+    /// A weight set at run time, in force instead of the file's until a reload gives the
+    /// server another weight in the file (or the next restart).
+    runtime_weight: Mutex<Option<u32>>,
     /// The status last seen, since when, and the DOWN time accumulated before it.
     status: Mutex<StatusHistory>,
     /// Sessions open or connecting, with the server's `maxconn` as the ceiling.
@@ -56,11 +60,17 @@ struct ServerState {
     traffic: Mutex<TrafficBook>,
     next_session: AtomicU64,
     connect_errors: AtomicU64,
+    /// Failed health checks (HAProxy's Chk).
+    checks_failed: AtomicU64,
+    /// UP to DOWN transitions (HAProxy's Dwn).
+    down_transitions: AtomicU64,
 }
 
 struct StatusHistory {
     status: Status,
     since: Instant,
+    /// `since` on the wall clock, for the timestamp the stats show.
+    since_wall: SystemTime,
     downtime: Duration,
 }
 
@@ -80,14 +90,18 @@ impl ServerRuntime {
             health: Mutex::new(HealthState::new(rise, fall)),
             last_check: Mutex::new(None),
             admin: Mutex::new(AdminState::Ready),
+            runtime_weight: Mutex::new(None),
             status: Mutex::new(StatusHistory {
                 status: Status::Up,
                 since: Instant::now(),
+                since_wall: SystemTime::now(),
                 downtime: Duration::ZERO,
             }),
             traffic: Mutex::new(TrafficBook::default()),
             next_session: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
+            down_transitions: AtomicU64::new(0),
         };
         ServerRuntime {
             config,
@@ -98,7 +112,8 @@ impl ServerRuntime {
 
     /// The same server under a reloaded configuration: new settings, the state so far
     /// (health, admin state, sessions and counters). Sessions opened before the reload
-    /// count against the new `maxconn`.
+    /// count against the new `maxconn`. A weight set at run time stays unless the file
+    /// now gives the server a different weight: that edit is the operator's newer word.
     pub(super) fn reconfigured(
         &self,
         config: Server,
@@ -108,6 +123,9 @@ impl ServerRuntime {
     ) -> ServerRuntime {
         self.state.sessions.set_limit(config.maxconn);
         lock(&self.state.health).set_thresholds(rise, fall);
+        if config.weight != self.config.weight {
+            lock(&self.state.runtime_weight).take();
+        }
         let server = ServerRuntime {
             config,
             check,
@@ -146,9 +164,23 @@ impl ServerRuntime {
         self.state.sessions.open()
     }
 
+    /// The weight selection uses: one set at run time, else the file's.
+    pub fn weight(&self) -> u32 {
+        lock(&self.state.runtime_weight).unwrap_or(self.config.weight)
+    }
+
+    /// Sets the weight until a reload changes the file's weight for this server (or the
+    /// next restart); returns the weight in force before.
+    pub(super) fn set_weight(&self, weight: u32) -> u32 {
+        let mut runtime = lock(&self.state.runtime_weight);
+        let previous = runtime.unwrap_or(self.config.weight);
+        *runtime = Some(weight);
+        previous
+    }
+
     pub(super) fn candidate(&self) -> Candidate {
         Candidate {
-            weight: self.config.weight,
+            weight: self.weight(),
             eligible: self.takes_clients(),
             backup: self.config.backup,
             sessions: self.sessions(),
@@ -166,8 +198,17 @@ impl ServerRuntime {
     /// Feeds a check result (or a failed client connect) into the health state.
     pub(super) fn record_health(&self, passed: bool) -> Option<Transition> {
         let transition = lock(&self.state.health).record(passed);
+        if transition == Some(Transition::Down) {
+            self.state.down_transitions.fetch_add(1, Ordering::Relaxed);
+        }
         self.note_status();
         transition
+    }
+
+    /// Counts a failed health check (not a failed client connect: those are
+    /// `connect_errors`).
+    pub(super) fn count_failed_check(&self) {
+        self.state.checks_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn health_change_pending(&self) -> Option<(u32, u32)> {
@@ -196,6 +237,11 @@ impl ServerRuntime {
 
     pub(super) fn set_admin_state(&self, state: AdminState) -> AdminState {
         let previous = std::mem::replace(&mut *lock(&self.state.admin), state);
+        if previous == AdminState::Maint && state != AdminState::Maint {
+            // The last result predates the maintenance: show `pending` until a check
+            // says how the server is now.
+            lock(&self.state.last_check).take();
+        }
         self.note_status();
         previous
     }
@@ -215,6 +261,7 @@ impl ServerRuntime {
             }
             history.status = now;
             history.since = Instant::now();
+            history.since_wall = SystemTime::now();
         }
     }
 
@@ -251,25 +298,43 @@ impl ServerRuntime {
             totals
         };
         let status = self.status();
-        let (last_change, downtime) = {
+        let (last_change, last_change_at, downtime) = {
             let history = lock(&self.state.status);
             let current_down = if history.status == Status::Down {
                 history.since.elapsed()
             } else {
                 Duration::ZERO
             };
-            (history.since.elapsed(), history.downtime + current_down)
+            (
+                history.since.elapsed(),
+                humantime::format_rfc3339_seconds(history.since_wall).to_string(),
+                history.downtime + current_down,
+            )
         };
         let last_check = lock(&self.state.last_check).clone();
+        let checked = self.check.is_some();
+        let (check_status, check_detail) = match last_check {
+            // Maintenance stops the checks: the last result is history, said as such.
+            _ if checked && status == Status::Maint => (
+                Some(CHECKS_OFF.to_owned()),
+                Some(match &last_check {
+                    Some(check) => format!("the last check, before: {}", check.describe()),
+                    None => "no check ran before".to_owned(),
+                }),
+            ),
+            Some(check) => (Some(check.to_string()), Some(check.detail)),
+            None => (None, None),
+        };
         ServerStats {
             name: self.config.name.clone(),
             addr: self.config.addr.to_string(),
             status: status.as_str().to_owned(),
             admin_state: self.admin_state().as_str().to_owned(),
-            checked: self.check.is_some(),
-            check_status: last_check.as_ref().map(ToString::to_string),
-            check_detail: last_check.map(|check| check.detail),
-            weight: self.config.weight,
+            checked,
+            check_status,
+            check_detail,
+            weight: self.weight(),
+            config_weight: self.config.weight,
             backup: self.config.backup,
             sessions_cur: u64::from(self.sessions()),
             sessions_max: u64::from(self.state.sessions.peak()),
@@ -280,7 +345,10 @@ impl ServerRuntime {
             kernel_bytes,
             connect_errors: self.state.connect_errors.load(Ordering::Relaxed),
             last_change_secs: last_change.as_secs_f64(),
+            last_change_at,
             downtime_secs: downtime.as_secs_f64(),
+            checks_failed: self.state.checks_failed.load(Ordering::Relaxed),
+            down_transitions: self.state.down_transitions.load(Ordering::Relaxed),
         }
     }
 }
@@ -318,4 +386,87 @@ impl Drop for SessionGuard {
 
 pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Listener};
+    use crate::health::CheckStatus;
+    use crate::pool::Pool;
+    use crate::stats::AdminError;
+
+    /// One listener with servers `a` (weight `weight_of_a`) and `b`, checked.
+    fn listener(weight_of_a: u32) -> Listener {
+        let text = format!(
+            "[[listen]]\nname = \"smtp\"\nbind = [\"127.0.0.1:2525\"]\n[listen.check]\n\
+             [[listen.server]]\nname = \"a\"\naddr = \"127.0.0.1:10025\"\nweight = {weight_of_a}\n\
+             [[listen.server]]\nname = \"b\"\naddr = \"127.0.0.1:10026\"\n"
+        );
+        let mut config = Config::parse(&text, "test.toml").unwrap();
+        config.listeners.remove(0)
+    }
+
+    fn weights(pool: &Pool) -> Vec<u32> {
+        pool.candidates().iter().map(|c| c.weight).collect()
+    }
+
+    #[test]
+    fn a_runtime_weight_lasts_until_the_file_changes_that_weight() {
+        let pool = Pool::new(&listener(1));
+        pool.set_weight("a", 3).unwrap();
+        assert_eq!(weights(&pool), [3, 1]);
+        assert!(matches!(
+            pool.set_weight("nope", 3),
+            Err(AdminError::UnknownServer { .. })
+        ));
+        // The same file again (or a change elsewhere): the runtime weight stays.
+        let same = pool.reconfigured(&listener(1));
+        assert_eq!(weights(&same), [3, 1]);
+        assert_eq!(same.servers[0].config.weight, 1);
+        // The file gives `a` another weight: the file's word is the newer one.
+        let edited = same.reconfigured(&listener(2));
+        assert_eq!(weights(&edited), [2, 1]);
+        edited.set_weight("a", 0).unwrap();
+        assert_eq!(weights(&edited), [0, 1]);
+    }
+
+    #[test]
+    fn leaving_maintenance_forgets_the_check_from_before() {
+        let pool = Pool::new(&listener(1));
+        let server = &pool.servers[0];
+        let passed = CheckResult {
+            status: CheckStatus::L7Ok,
+            code: Some(250),
+            duration: Duration::from_millis(1),
+            detail: "250 ok".to_owned(),
+        };
+        pool.record_check(server, passed.clone());
+        pool.set_admin_state("a", AdminState::Maint).unwrap();
+        assert_eq!(*lock(&server.state.last_check), Some(passed));
+        pool.set_admin_state("a", AdminState::Ready).unwrap();
+        assert_eq!(*lock(&server.state.last_check), None);
+    }
+
+    #[test]
+    fn failed_checks_and_down_transitions_are_counted() {
+        let pool = Pool::new(&listener(1));
+        let server = &pool.servers[0];
+        let failed = CheckResult {
+            status: CheckStatus::L4Con,
+            code: None,
+            duration: Duration::ZERO,
+            detail: "Connection refused".to_owned(),
+        };
+        // fall = 3 by default: the third failure takes it down, later ones count too.
+        for _ in 0..5 {
+            pool.record_check(server, failed.clone());
+        }
+        let state = &server.state;
+        assert_eq!(state.checks_failed.load(Ordering::Relaxed), 5);
+        assert_eq!(state.down_transitions.load(Ordering::Relaxed), 1);
+        // A failed client connect is a connect error, not a failed check.
+        pool.record_connect_failure(server, &std::io::Error::other("refused"));
+        assert_eq!(state.checks_failed.load(Ordering::Relaxed), 5);
+    }
 }

@@ -214,6 +214,14 @@ mod tests {
         fn set_state(&self, _: &str, _: &str, _: AdminState) -> Result<(), AdminError> {
             Ok(())
         }
+
+        fn set_weight(&self, _: &str, _: &str, _: u32) -> Result<(), AdminError> {
+            Ok(())
+        }
+
+        fn running_config(&self) -> String {
+            String::new()
+        }
     }
 
     fn cache() -> SnapshotCache {

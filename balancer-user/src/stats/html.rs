@@ -9,7 +9,8 @@
 //! `<tr id="srv-{listener}-{server}" data-status="UP">` and each status cell carries
 //! `class="status status-up"` (`-down`, `-drain`, `-maint`).
 
-use super::model::{ListenerStats, ServerStats, StatsSnapshot};
+use super::model::{CHECKS_OFF, ListenerStats, ServerStats, StatsSnapshot};
+use super::units::{finite_or_zero, human_bytes, human_duration};
 
 /// Seconds between the page's self-refreshes.
 const REFRESH_SECS: u32 = 5;
@@ -53,7 +54,7 @@ fn page_header(snapshot: &StatsSnapshot) -> String {
 <div><dt>uptime</dt><dd title="{uptime_exact:.0} s">{uptime}</dd></div>
 <div><dt>servers up</dt><dd>{up}/{total}</dd></div>
 <div><dt>connections</dt><dd title="global maxconn {maxconn}">{conns}/{maxconn}</dd></div>
-<div><dt>reloads</dt><dd title="configuration reloads (SIGHUP) applied / refused"{reload_class}>{reloads}/{reload_failures}</dd></div>
+<div><dt>reloads</dt><dd title="configuration reloads (SIGHUP): applied, and refused (the file on disk is then not what runs; the log says why)"{reload_class}>{reloads} ok, {reload_failures} failed</dd></div>
 <div><dt>integrity errors</dt><dd title="connections whose byte conservation check failed; must be 0"{integrity_class}>{integrity_errors}</dd></div>
 </dl>
 </header>"#,
@@ -102,7 +103,7 @@ fn listener_table(listener: &ListenerStats) -> String {
 
 /// Column headers, grouped as on HAProxy's page.
 const THEAD: &str = r#"<thead>
-<tr><th rowspan="2" class="left">Server</th><th rowspan="2" class="left">Address</th><th rowspan="2">Status</th><th rowspan="2" class="left">Last check</th><th rowspan="2">Weight</th><th colspan="4">Sessions</th><th colspan="2">Bytes</th><th rowspan="2" title="Share of the bytes the kernel relay moved">Kernel</th><th rowspan="2" title="Failed connection attempts">Conn. errors</th><th rowspan="2">Last change</th><th rowspan="2">Downtime</th></tr>
+<tr><th rowspan="2" class="left">Server</th><th rowspan="2" class="left">Address</th><th rowspan="2">Status</th><th rowspan="2" class="left">Last check</th><th rowspan="2">Weight</th><th colspan="4">Sessions</th><th colspan="2">Bytes</th><th rowspan="2" title="Share of the bytes the kernel relay moved">Kernel</th><th rowspan="2" title="Failed connection attempts">Conn. errors</th><th rowspan="2">Last change</th><th rowspan="2">Downtime</th><th rowspan="2" title="Failed health checks">Chk</th><th rowspan="2" title="Times the server went from UP to DOWN">Dwn</th></tr>
 <tr><th>cur</th><th>max</th><th title="maxconn">limit</th><th>total</th><th>in</th><th>out</th></tr>
 </thead>"#;
 
@@ -115,9 +116,10 @@ fn server_row(listener: &ListenerStats, s: &ServerStats) -> String {
     };
     format!(
         r#"<tr id="srv-{lid}-{sid}" data-status="{status}" class="row-{class}">
-<td class="left"><b>{name}</b>{backup}</td><td class="left mono">{addr}</td><td class="status status-{class}">{status}</td>{check}<td>{weight}</td>
+<td class="left"><b>{name}</b>{backup}</td><td class="left mono">{addr}</td><td class="status status-{class}">{status}</td>{check}{weight}
 <td>{cur}</td><td>{max}</td>{limit}<td>{total}</td>{bytes_in}{bytes_out}{kernel}<td{err_class}>{errors}</td>
-<td title="{change_exact:.0} s">{change} ago</td><td title="{down_exact:.0} s">{down}</td>
+<td title="{change_exact:.0} s, at {change_at}">{change} ago</td><td title="{down_exact:.0} s">{down}</td>
+<td{chk_class}>{checks_failed}</td><td{dwn_class}>{down_transitions}</td>
 </tr>
 "#,
         lid = escape(&listener.name),
@@ -126,7 +128,7 @@ fn server_row(listener: &ListenerStats, s: &ServerStats) -> String {
         name = escape(&s.name),
         addr = escape(&s.addr),
         check = check_cell(s),
-        weight = s.weight,
+        weight = weight_cell(s),
         cur = s.sessions_cur,
         max = s.sessions_max,
         limit = limit_cell(s.sessions_limit),
@@ -140,7 +142,24 @@ fn server_row(listener: &ListenerStats, s: &ServerStats) -> String {
         change = human_duration(s.last_change_secs),
         down_exact = finite_or_zero(s.downtime_secs),
         down = human_duration(s.downtime_secs),
+        change_at = escape(&s.last_change_at),
+        chk_class = warn_if(s.checks_failed > 0),
+        checks_failed = s.checks_failed,
+        dwn_class = warn_if(s.down_transitions > 0),
+        down_transitions = s.down_transitions,
     )
+}
+
+/// The weight in force; one set at run time is marked, the file's in the tooltip.
+fn weight_cell(s: &ServerStats) -> String {
+    if s.weight == s.config_weight {
+        format!("<td>{}</td>", s.weight)
+    } else {
+        format!(
+            r#"<td title="set at run time; the configuration says {}">{}*</td>"#,
+            s.config_weight, s.weight
+        )
+    }
 }
 
 /// The attribute that colours a cell as a warning, when `warn`.
@@ -168,7 +187,7 @@ fn totals_row(listener: &ListenerStats) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        r#"<tr class="totals"><th colspan="5" class="left">Total</th><td>{cur}</td><td>{max}</td>{limit}<td>{total}</td>{bytes_in}{bytes_out}{kernel}<td>{errors}</td><td colspan="2"{refused_class} title="Clients answered 421: no server could take them (4.3.0), or a limit was reached (4.7.0, 4.3.2: {by_limit}); {accept_errors} failed accepts">refused (no server): {refused} · (limits): {refused_limits}{bad_headers}</td></tr>"#,
+        r#"<tr class="totals"><th colspan="5" class="left">Total</th><td>{cur}</td><td>{max}</td>{limit}<td>{total}</td>{bytes_in}{bytes_out}{kernel}<td>{errors}</td><td colspan="4"{refused_class} title="Clients answered 421: no server could take them (4.3.0), or a limit was reached (4.7.0, 4.3.2: {by_limit}); {accept_errors} failed accepts">refused (no server): {refused} · (limits): {refused_limits}{bad_headers}</td></tr>"#,
         cur = listener.sessions_cur,
         max = listener.sessions_max,
         limit = limit_cell(listener.sessions_limit),
@@ -195,6 +214,11 @@ fn limit_cell(limit: u64) -> String {
 /// the tooltip.
 fn check_cell(s: &ServerStats) -> String {
     match (&s.check_status, &s.check_detail) {
+        (Some(status), Some(detail)) if status == CHECKS_OFF => format!(
+            r#"<td class="left muted" title="{}">{}</td>"#,
+            escape(detail),
+            escape(status)
+        ),
         (Some(status), Some(detail)) => format!(
             r#"<td class="left mono" title="{}">{}</td>"#,
             escape(detail),
@@ -245,48 +269,6 @@ fn escape(text: &str) -> String {
         }
     }
     out
-}
-
-/// `1.2 MiB`: binary units, one decimal above bytes.
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
-
-/// `2m13s`, `1h2m`, `3d4h`: the two largest units, enough to read at a glance.
-fn human_duration(secs: f64) -> String {
-    let total = finite_or_zero(secs) as u64;
-    let (days, hours, minutes, seconds) = (
-        total / 86_400,
-        total / 3_600 % 24,
-        total / 60 % 60,
-        total % 60,
-    );
-    match (days, hours, minutes) {
-        (0, 0, 0) => format!("{seconds}s"),
-        (0, 0, _) => format!("{minutes}m{seconds}s"),
-        (0, _, _) => format!("{hours}h{minutes}m"),
-        _ => format!("{days}d{hours}h"),
-    }
-}
-
-/// Durations from the daemon are never negative or NaN, but the page must not show
-/// nonsense if one were.
-fn finite_or_zero(secs: f64) -> f64 {
-    if secs.is_finite() && secs > 0.0 {
-        secs
-    } else {
-        0.0
-    }
 }
 
 const STYLE: &str = r#"
@@ -377,6 +359,9 @@ mod tests {
             "<td title=\"12 s\">12s</td>",
             "refused (no server): 4",
             "<td class=\"left muted\">pending</td>",
+            r#"<td class="left muted" title="the last check, before: L7OK/250 in 1ms">MAINT (checks off)</td>"#,
+            r#"<td class="warn">9</td><td class="warn">2</td>"#,
+            r#"title="133 s, at 2026-12-02T05:40:00Z""#,
         ] {
             assert!(page.contains(needle), "missing {needle:?}");
         }
@@ -386,14 +371,14 @@ mod tests {
     fn reloads_and_bad_proxy_headers_show_and_a_refused_reload_warns() {
         let mut snapshot = sample_without_reloads_or_bad_headers();
         let page = render(&snapshot);
-        assert!(page.contains(r#"applied / refused">0/0</dd>"#), "{page}");
+        assert!(page.contains(r#"says why)">0 ok, 0 failed</dd>"#), "{page}");
         assert!(!page.contains("bad PROXY headers"));
         snapshot.reloads = 4;
         snapshot.reload_failures = 1;
         snapshot.listeners[0].bad_proxy_headers = 3;
         let page = render(&snapshot);
         assert!(
-            page.contains(r#"applied / refused" class="warn">4/1</dd>"#),
+            page.contains(r#"says why)" class="warn">4 ok, 1 failed</dd>"#),
             "{page}"
         );
         assert!(page.contains(" · bad PROXY headers: 3</td>"), "{page}");
@@ -407,6 +392,18 @@ mod tests {
         snapshot.integrity_errors = 2;
         let page = render(&snapshot);
         assert!(page.contains(r#"must be 0" class="warn">2</dd>"#), "{page}");
+    }
+
+    #[test]
+    fn a_weight_set_at_run_time_is_marked() {
+        let mut snapshot = sample();
+        snapshot.listeners[0].servers[0].weight = 3;
+        let page = render(&snapshot);
+        assert!(
+            page.contains(r#"<td title="set at run time; the configuration says 10">3*</td>"#),
+            "{page}"
+        );
+        assert_eq!(page.matches("<td>10</td>").count(), 4, "{page}");
     }
 
     #[test]
@@ -429,17 +426,7 @@ mod tests {
     }
 
     #[test]
-    fn humanises_numbers() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
-        assert_eq!(human_duration(0.4), "0s");
-        assert_eq!(human_duration(133.0), "2m13s");
-        assert_eq!(human_duration(3725.0), "1h2m");
-        assert_eq!(human_duration(3.0 * 86_400.0 + 4.0 * 3_600.0), "3d4h");
-        assert_eq!(human_duration(f64::NAN), "0s");
-        assert_eq!(human_duration(-5.0), "0s");
+    fn kernel_share() {
         assert_eq!(kernel_cell(5, 0), r#"<td class="muted">—</td>"#);
         assert_eq!(
             kernel_cell(1, 4),

@@ -7,6 +7,8 @@
 //! | `GET /api/stats` | the [`StatsSnapshot`] as JSON |
 //! | `GET /metrics` | OpenMetrics text ([`super::prometheus`]) |
 //! | `POST /api/servers/{listen}/{server}/state` | admin: `{"state":"ready"\|"drain"\|"maint"}` |
+//! | `POST` (or `PUT`) `/api/servers/{listen}/{server}/weight` | admin: `{"weight":N}`, 0 to 256 |
+//! | `GET /api/config` | admin: the running configuration as TOML, the token redacted |
 //!
 //! The GET routes answer from the shared snapshot ([`super::cache`]): fresh at a human or
 //! scraper pace, at most 200 ms old under a flood, and each rendering made once per
@@ -25,11 +27,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use super::cache::SnapshotCache;
 use super::model::{AdminError, AdminState, ServerStats, StatsSource};
 use super::prometheus;
 use super::server::PortCounters;
+use crate::config::MAX_WEIGHT;
 
 /// The largest request body read: an admin request is a few dozen bytes, and nothing else
 /// takes a body.
@@ -61,7 +65,11 @@ pub fn router(
         .route("/", get(page))
         .route("/api/stats", get(api_stats))
         .route("/metrics", get(metrics))
-        .route("/api/servers/{listen}/{server}/state", post(set_state))
+        .route(
+            "/api/servers/{listen}/{server}/{what}",
+            post(change_server).put(change_server),
+        )
+        .route("/api/config", get(running_config))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app)
@@ -73,6 +81,8 @@ const NO_STORE: (header::HeaderName, &str) = (header::CACHE_CONTROL, "no-store")
 /// The `Content-Type`s axum's `Html` and `Json` would set.
 const HTML: &str = "text/html; charset=utf-8";
 const JSON: &str = "application/json";
+/// TOML has a registered type since 2024 (RFC 9618).
+const TOML: &str = "application/toml";
 
 async fn page(State(app): State<App>) -> Response {
     let body = app.cache.get().html();
@@ -104,59 +114,188 @@ struct StateRequest {
     state: AdminState,
 }
 
-/// `POST /api/servers/{listen}/{server}/state`. Authentication comes first, so a caller
-/// without the token learns nothing (not even which servers exist); the body is parsed
-/// whatever its `Content-Type`, since `curl -d` labels JSON as a form.
-async fn set_state(
-    State(app): State<App>,
+/// The weight request's body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightRequest {
+    /// Wider than a weight, so that 300 is told the range rather than a parse error.
+    weight: u64,
+}
+
+/// An admin request to a server as it arrived.
+struct AdminCall {
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let peer = peer.map_or_else(
-        || "unknown".to_owned(),
-        |Extension(ConnectInfo(a))| a.to_string(),
-    );
+}
+
+/// The pieces of an admin request to a server, once authenticated and parsed.
+struct ServerRequest<T> {
+    peer: String,
+    listener: String,
+    server: String,
+    body: T,
+}
+
+/// Authenticates and parses `POST /api/servers/{listen}/{server}/…`. Authentication
+/// comes first, so a caller without the token learns nothing (not even which servers
+/// exist); the body is parsed whatever its `Content-Type`, since `curl -d` labels JSON as
+/// a form. `shape` is the body's form, for the error message.
+fn server_request<T: DeserializeOwned>(
+    app: &App,
+    call: AdminCall,
+    shape: &str,
+) -> Result<ServerRequest<T>, Box<Response>> {
+    let AdminCall {
+        peer,
+        path,
+        headers,
+        body,
+    } = call;
+    let peer = peer_name(peer);
     if let Err(refusal) = authorize(app.admin_token.as_deref(), &headers) {
         tracing::warn!(%peer, reason = refusal.reason, "stats: admin request refused");
-        return refusal.into_response();
+        return Err(Box::new(refusal.into_response()));
     }
     let (listener, server) = match path {
         Ok(Path(names)) => names,
-        Err(rejection) => return error(StatusCode::BAD_REQUEST, &rejection.body_text()),
+        Err(rejection) => {
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                &rejection.body_text(),
+            )));
+        }
     };
-    let state = match body
-        .map_err(|r| (r.status(), r.body_text()))
-        .and_then(parse_body)
-    {
-        Ok(state) => state,
-        Err((status, message)) => return error(status, &message),
-    };
-    let changed = app.cache.source().set_state(&listener, &server, state);
+    let body = body.map_err(|r| error(r.status(), &r.body_text()))?;
+    let body = serde_json::from_slice::<T>(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("body must be {shape}: {e}"),
+        )
+    })?;
+    Ok(ServerRequest {
+        peer,
+        listener,
+        server,
+        body,
+    })
+}
+
+fn peer_name(peer: Option<Extension<ConnectInfo<SocketAddr>>>) -> String {
+    peer.map_or_else(
+        || "unknown".to_owned(),
+        |Extension(ConnectInfo(a))| a.to_string(),
+    )
+}
+
+/// What an admin change to a server answers: the server as the snapshot after the change
+/// shows it, or why the change was refused.
+fn server_changed<T>(
+    app: &App,
+    request: &ServerRequest<T>,
+    changed: Result<(), AdminError>,
+) -> Response {
     // Even a refused change drops the shared snapshot: the admin's next look is fresh.
     app.cache.invalidate();
     if let Err(e) = changed {
         return admin_error(&e);
     }
-    tracing::info!(%peer, %listener, %server, state = state.as_str(), "stats: admin set server state");
-    match find_server(&app.cache, &listener, &server) {
+    match find_server(&app.cache, &request.listener, &request.server) {
         Some(stats) => Json(stats).into_response(),
         // A reload replaced the server between the change and the snapshot.
         None => error(
             StatusCode::CONFLICT,
-            "state set, but the server is gone from the current configuration",
+            "changed, but the server is gone from the current configuration",
         ),
     }
 }
 
-fn parse_body(body: Bytes) -> Result<AdminState, (StatusCode, String)> {
-    serde_json::from_slice::<StateRequest>(&body)
-        .map(|request| request.state)
-        .map_err(|e| {
-            let message = format!(r#"body must be {{"state":"ready"|"drain"|"maint"}}: {e}"#);
-            (StatusCode::BAD_REQUEST, message)
-        })
+/// `POST` (or `PUT`) `/api/servers/{listen}/{server}/{what}`: a change to a server, `state`
+/// or `weight`.
+async fn change_server(
+    State(app): State<App>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let (path, what) = match path {
+        Ok(Path((listener, server, what))) => (Ok(Path((listener, server))), what),
+        Err(rejection) => (Err(rejection), String::new()),
+    };
+    let call = AdminCall {
+        peer,
+        path,
+        headers,
+        body,
+    };
+    let answer = match what.as_str() {
+        "weight" => set_weight(&app, call),
+        // A path that could not be read ("") gets the state route's checks (token first).
+        "state" | "" => set_state(&app, call),
+        _ => match authorize(app.admin_token.as_deref(), &call.headers) {
+            Err(refusal) => Ok(refusal.into_response()),
+            Ok(()) => Ok(error(StatusCode::NOT_FOUND, "not found")),
+        },
+    };
+    answer.unwrap_or_else(|response| *response)
+}
+
+/// `…/state`: the admin state, HAProxy's `set server … state`.
+fn set_state(app: &App, call: AdminCall) -> Result<Response, Box<Response>> {
+    let shape = r#"{"state":"ready"|"drain"|"maint"}"#;
+    let request = server_request::<StateRequest>(app, call, shape)?;
+    let state = request.body.state;
+    let changed = app
+        .cache
+        .source()
+        .set_state(&request.listener, &request.server, state);
+    if changed.is_ok() {
+        tracing::info!(peer = %request.peer, listener = %request.listener,
+            server = %request.server, state = state.as_str(), "stats: admin set server state");
+    }
+    Ok(server_changed(app, &request, changed))
+}
+
+/// `…/weight`: HAProxy's `set weight`.
+fn set_weight(app: &App, call: AdminCall) -> Result<Response, Box<Response>> {
+    let shape = format!(r#"{{"weight":N}} with N from 0 to {MAX_WEIGHT}"#);
+    let request = server_request::<WeightRequest>(app, call, &shape)?;
+    let changed = match u32::try_from(request.body.weight) {
+        Ok(weight) if weight <= MAX_WEIGHT => {
+            let changed = app
+                .cache
+                .source()
+                .set_weight(&request.listener, &request.server, weight);
+            if changed.is_ok() {
+                tracing::info!(peer = %request.peer, listener = %request.listener,
+                    server = %request.server, weight, "stats: admin set server weight");
+            }
+            changed
+        }
+        _ => Err(AdminError::WeightOutOfRange {
+            weight: request.body.weight,
+            max: MAX_WEIGHT,
+        }),
+    };
+    Ok(server_changed(app, &request, changed))
+}
+
+/// `GET /api/config`: the configuration in force as TOML. Behind the admin token: the
+/// file may name internal addresses and users; the token itself is never shown.
+async fn running_config(
+    State(app): State<App>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = authorize(app.admin_token.as_deref(), &headers) {
+        let peer = peer_name(peer);
+        tracing::warn!(%peer, reason = refusal.reason, "stats: admin request refused");
+        return refusal.into_response();
+    }
+    let text = app.cache.source().running_config();
+    ([NO_STORE, (header::CONTENT_TYPE, TOML)], text).into_response()
 }
 
 fn admin_error(e: &AdminError) -> Response {
@@ -164,6 +303,7 @@ fn admin_error(e: &AdminError) -> Response {
         AdminError::UnknownListener(_) | AdminError::UnknownServer { .. } => {
             error(StatusCode::NOT_FOUND, &e.to_string())
         }
+        AdminError::WeightOutOfRange { .. } => error(StatusCode::BAD_REQUEST, &e.to_string()),
     }
 }
 
@@ -263,7 +403,14 @@ mod tests {
         Limits, MAX_BUF_SIZE, MAX_HEADER_SIZE, MAX_HEADERS, NICE, Port, serve,
     };
 
-    type Call = (String, String, AdminState);
+    /// An admin call the fake received: listener, server, and what was set.
+    type Call = (String, String, Change);
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Change {
+        State(AdminState),
+        Weight(u32),
+    }
 
     /// A daemon stand-in: serves the sample snapshot and records admin calls.
     struct Fake {
@@ -295,6 +442,32 @@ mod tests {
             server: &str,
             state: AdminState,
         ) -> Result<(), AdminError> {
+            self.change(listener, server, Change::State(state), |s| {
+                s.admin_state = state.as_str().to_owned();
+                s.status = state.as_str().to_uppercase().replace("READY", "UP");
+            })
+        }
+
+        fn set_weight(&self, listener: &str, server: &str, weight: u32) -> Result<(), AdminError> {
+            self.change(listener, server, Change::Weight(weight), |s| {
+                s.weight = weight;
+            })
+        }
+
+        fn running_config(&self) -> String {
+            "[stats]\n# admin_token is set (not shown)\n".to_owned()
+        }
+    }
+
+    impl Fake {
+        /// Applies `apply` to the server and records the call, as the daemon would.
+        fn change(
+            &self,
+            listener: &str,
+            server: &str,
+            change: Change,
+            apply: impl FnOnce(&mut ServerStats),
+        ) -> Result<(), AdminError> {
             let mut snapshot = self.snapshot.lock().unwrap();
             let l = snapshot
                 .listeners
@@ -309,12 +482,11 @@ mod tests {
                     listener: listener.to_owned(),
                     server: server.to_owned(),
                 })?;
-            s.admin_state = state.as_str().to_owned();
-            s.status = state.as_str().to_uppercase().replace("READY", "UP");
+            apply(s);
             self.calls
                 .lock()
                 .unwrap()
-                .push((listener.to_owned(), server.to_owned(), state));
+                .push((listener.to_owned(), server.to_owned(), change));
             Ok(())
         }
     }
@@ -464,6 +636,14 @@ mod tests {
             "sessions_total",
             "bytes_in",
             "bytes_out",
+            // HAProxy's Chk, Dwn, LastChg and Downtime, and the runtime weight.
+            "checks_failed",
+            "down_transitions",
+            "last_change_secs",
+            "last_change_at",
+            "downtime_secs",
+            "weight",
+            "config_weight",
         ] {
             assert!(!server[field].is_null(), "{field}");
         }
@@ -586,8 +766,87 @@ mod tests {
             ("mx1", "drain")
         );
         assert_eq!(stats.status, "DRAIN");
-        let expected = vec![("smtp".to_owned(), "mx1".to_owned(), AdminState::Drain)];
+        let expected = vec![(
+            "smtp".to_owned(),
+            "mx1".to_owned(),
+            Change::State(AdminState::Drain),
+        )];
         assert_eq!(fake.calls(), expected);
+    }
+
+    const WEIGHT_PATH: &str = "/api/servers/smtp/mx1/weight";
+
+    #[tokio::test]
+    async fn weight_is_set_with_the_token_and_within_the_range() {
+        let fake = Fake::new();
+        let server = start(fake.clone(), Some(TOKEN)).await;
+        let reply = request(server.addr, "POST", WEIGHT_PATH, &[], r#"{"weight":3}"#).await;
+        assert_eq!(reply.status, 401);
+        for bad in [r#"{"weight":257}"#, r#"{"weight":4294967296}"#] {
+            let reply = request(server.addr, "POST", WEIGHT_PATH, &[GOOD_AUTH], bad).await;
+            assert_eq!(reply.status, 400, "{bad}");
+            assert!(
+                reply
+                    .error()
+                    .starts_with("weight must be between 0 and 256"),
+                "{}",
+                reply.error()
+            );
+        }
+        for bad in [r#"{"weight":-1}"#, r#"{"weight":"3"}"#, r#"{"w":3}"#, ""] {
+            let reply = request(server.addr, "POST", WEIGHT_PATH, &[GOOD_AUTH], bad).await;
+            assert_eq!(reply.status, 400, "{bad}");
+            assert!(
+                reply
+                    .error()
+                    .starts_with(r#"body must be {"weight":N} with N from 0 to 256"#),
+                "{}",
+                reply.error()
+            );
+        }
+        let unknown = "/api/servers/smtp/mx9/weight";
+        let reply = request(server.addr, "PUT", unknown, &[GOOD_AUTH], r#"{"weight":3}"#).await;
+        assert_eq!(reply.status, 404);
+        assert!(fake.calls().is_empty());
+        for (method, weight) in [("POST", 3), ("PUT", 0)] {
+            let body = format!(r#"{{"weight":{weight}}}"#);
+            let reply = request(server.addr, method, WEIGHT_PATH, &[GOOD_AUTH], &body).await;
+            assert_eq!(reply.status, 200, "{method}: {}", reply.body);
+            let stats: ServerStats = serde_json::from_str(&reply.body).unwrap();
+            assert_eq!(stats.weight, weight);
+        }
+        let set = |w| ("smtp".to_owned(), "mx1".to_owned(), Change::Weight(w));
+        assert_eq!(fake.calls(), [set(3), set(0)]);
+    }
+
+    #[tokio::test]
+    async fn unknown_server_change_is_404_after_the_token() {
+        let fake = Fake::new();
+        let server = start(fake.clone(), Some(TOKEN)).await;
+        let path = "/api/servers/smtp/mx1/colour";
+        let reply = request(server.addr, "POST", path, &[], "{}").await;
+        assert_eq!(reply.status, 401);
+        let reply = request(server.addr, "POST", path, &[GOOD_AUTH], "{}").await;
+        assert_eq!(reply.status, 404);
+        assert!(fake.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn running_config_needs_the_token() {
+        let server = start(Fake::new(), Some(TOKEN)).await;
+        let reply = request(server.addr, "GET", "/api/config", &[], "").await;
+        assert_eq!(reply.status, 401);
+        let wrong = [("Authorization", "Bearer nope")];
+        let reply = request(server.addr, "GET", "/api/config", &wrong, "").await;
+        assert_eq!(reply.status, 401);
+        let reply = request(server.addr, "GET", "/api/config", &[GOOD_AUTH], "").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("content-type"), Some(TOML));
+        assert_eq!(reply.header("cache-control"), Some("no-store"));
+        assert!(reply.body.starts_with("[stats]\n"), "{}", reply.body);
+        let disabled = start(Fake::new(), None).await;
+        let reply = request(disabled.addr, "GET", "/api/config", &[GOOD_AUTH], "").await;
+        assert_eq!(reply.status, 403);
     }
 
     #[tokio::test]

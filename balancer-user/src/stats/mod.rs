@@ -6,6 +6,7 @@
 //! - [`server`]: serving the port within its limits (connection cap, timeouts, sizes).
 //! - [`cache`]: the snapshot shared between requests, rebuilt on a budget.
 //! - [`html`] and [`prometheus`]: the two renderings of a snapshot.
+//! - [`units`]: bytes and durations in human units, shared with `mxlb status`.
 
 pub mod cache;
 pub mod html;
@@ -13,6 +14,7 @@ pub mod http;
 pub mod model;
 pub mod prometheus;
 pub mod server;
+pub mod units;
 
 pub use http::router;
 pub use model::{

@@ -112,7 +112,13 @@ pub struct ServerStats {
     pub check_status: Option<String>,
     /// The last check's detail, e.g. `250 mail1.example` or `Connection refused`.
     pub check_detail: Option<String>,
+    /// The weight selection uses now: the file's, or one set at run time
+    /// (`POST /api/servers/{listen}/{server}/weight`).
     pub weight: u32,
+    /// The weight the configuration file gives; differs from `weight` after a runtime
+    /// change.
+    #[serde(default)]
+    pub config_weight: u32,
     pub backup: bool,
     pub sessions_cur: u64,
     pub sessions_max: u64,
@@ -128,10 +134,37 @@ pub struct ServerStats {
     pub kernel_bytes: u64,
     /// Failed connect attempts to this server.
     pub connect_errors: u64,
-    /// Seconds since the last change of `status`.
+    /// Seconds since the last change of `status` (HAProxy's LastChg).
     pub last_change_secs: f64,
-    /// Total seconds spent DOWN since start.
+    /// When `status` last changed, RFC 3339 in UTC (`2026-12-02T05:40:00Z`); the daemon's
+    /// start for a server that never changed.
+    #[serde(default)]
+    pub last_change_at: String,
+    /// Total seconds spent DOWN since start (HAProxy's Downtime).
     pub downtime_secs: f64,
+    /// Health checks that failed since start (HAProxy's Chk). Failed client connects are
+    /// `connect_errors`, not counted here.
+    #[serde(default)]
+    pub checks_failed: u64,
+    /// Times the server went from UP to DOWN since start (HAProxy's Dwn).
+    #[serde(default)]
+    pub down_transitions: u64,
+}
+
+/// What the check column shows for a server in maintenance: its checks do not run, so
+/// the last result (from before) is not shown as if it were current.
+pub const CHECKS_OFF: &str = "MAINT (checks off)";
+
+impl ServerStats {
+    /// The check column of the page and of `mxlb status`: the last check as HAProxy words
+    /// it, [`CHECKS_OFF`] in maintenance, `pending` before the first check, `no check`.
+    pub fn check_shown(&self) -> &str {
+        match &self.check_status {
+            Some(status) => status,
+            None if self.checked => "pending",
+            None => "no check",
+        }
+    }
 }
 
 /// The operator's say over a server, set through the admin API.
@@ -163,6 +196,8 @@ pub enum AdminError {
     UnknownListener(String),
     #[error("listener {listener:?} has no server named {server:?}")]
     UnknownServer { listener: String, server: String },
+    #[error("weight must be between 0 and {max} (as in the configuration), not {weight}")]
+    WeightOutOfRange { weight: u64, max: u32 },
 }
 
 /// What the stats server needs from the daemon.
@@ -171,4 +206,9 @@ pub trait StatsSource: Send + Sync + 'static {
     fn snapshot(&self) -> StatsSnapshot;
     /// Applies an admin state change.
     fn set_state(&self, listener: &str, server: &str, state: AdminState) -> Result<(), AdminError>;
+    /// Sets a server's weight until the next restart, or until a reload gives that server
+    /// a different weight in the file. `weight` is within `0..=MAX_WEIGHT` already.
+    fn set_weight(&self, listener: &str, server: &str, weight: u32) -> Result<(), AdminError>;
+    /// The configuration in force, as TOML (`GET /api/config`), its admin token redacted.
+    fn running_config(&self) -> String;
 }

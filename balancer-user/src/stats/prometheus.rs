@@ -380,7 +380,10 @@ fn encode_servers(enc: &mut DescriptorEncoder, listeners: &[ListenerStats]) -> f
     encode_server_status(enc, listeners)?;
     write_per_server(
         enc,
-        desc("server_weight", "The server's configured weight"),
+        desc(
+            "server_weight",
+            "The weight selection uses: the file's, or one set at run time",
+        ),
         listeners,
         |s| ConstGauge::new(i64::from(s.weight)),
     )?;
@@ -395,7 +398,42 @@ fn encode_servers(enc: &mut DescriptorEncoder, listeners: &[ListenerStats]) -> f
         listeners,
         |s| ConstCounter::new(s.connect_errors),
     )?;
+    encode_server_health(enc, listeners)
+}
+
+/// The health history, HAProxy's Chk, Dwn, LastChg and Downtime.
+fn encode_server_health(enc: &mut DescriptorEncoder, listeners: &[ListenerStats]) -> fmt::Result {
+    write_per_server(
+        enc,
+        desc(
+            "server_checks_failed",
+            "Health checks of the server that failed",
+        ),
+        listeners,
+        |s| ConstCounter::new(s.checks_failed),
+    )?;
+    write_per_server(
+        enc,
+        desc(
+            "server_down_transitions",
+            "Times the server went from UP to DOWN",
+        ),
+        listeners,
+        |s| ConstCounter::new(s.down_transitions),
+    )?;
     let seconds = Unit::Seconds;
+    write_per_server(
+        enc,
+        Desc {
+            unit: Some(&seconds),
+            ..desc(
+                "server_last_change",
+                "Seconds since the server's status last changed",
+            )
+        },
+        listeners,
+        |s| ConstGauge::new(s.last_change_secs),
+    )?;
     write_per_server(
         enc,
         Desc {
@@ -514,6 +552,7 @@ pub(crate) mod tests {
             check_status: Some("L7OK/250 in 1ms".to_owned()),
             check_detail: Some("250 mail1.example".to_owned()),
             weight: 10,
+            config_weight: 10,
             backup: false,
             sessions_cur: 2,
             sessions_max: 7,
@@ -524,14 +563,21 @@ pub(crate) mod tests {
             kernel_bytes: 1_200_000,
             connect_errors: 3,
             last_change_secs: 133.4,
+            last_change_at: "2026-12-02T05:40:00Z".to_owned(),
             downtime_secs: 12.5,
+            checks_failed: 9,
+            down_transitions: 2,
         };
         let mut drain = server("mx2", "DRAIN");
         drain.admin_state = "drain".to_owned();
         drain.backup = true;
         let mut maint = server("mx3", "MAINT");
-        maint.check_status = None;
-        maint.check_detail = None;
+        maint.admin_state = "maint".to_owned();
+        maint.check_status = Some(crate::stats::model::CHECKS_OFF.to_owned());
+        maint.check_detail = Some("the last check, before: L7OK/250 in 1ms".to_owned());
+        let mut pending = server("mx4", "DOWN");
+        pending.check_status = None;
+        pending.check_detail = None;
         StatsSnapshot {
             version: "0.1.0".to_owned(),
             uptime_secs: 3725.25,
@@ -564,7 +610,7 @@ pub(crate) mod tests {
                     accept_errors: 6,
                     bad_proxy_headers: 5,
                     sources_tracked: 42,
-                    servers: vec![server("mx1", "UP"), drain, maint, server("mx4", "DOWN")],
+                    servers: vec![server("mx1", "UP"), drain, maint, pending],
                 },
                 ListenerStats {
                     name: "submission".to_owned(),
@@ -588,7 +634,7 @@ pub(crate) mod tests {
     }
 
     /// Every family [`render`] writes, with its OpenMetrics type.
-    const FAMILIES: [(&str, &str); 22] = [
+    const FAMILIES: [(&str, &str); 25] = [
         ("mxlb_up", "gauge"),
         ("mxlb_uptime_seconds", "gauge"),
         ("mxlb_connections_current", "gauge"),
@@ -610,6 +656,9 @@ pub(crate) mod tests {
         ("mxlb_server_bytes", "counter"),
         ("mxlb_server_kernel_bytes", "counter"),
         ("mxlb_server_connect_errors", "counter"),
+        ("mxlb_server_checks_failed", "counter"),
+        ("mxlb_server_down_transitions", "counter"),
+        ("mxlb_server_last_change_seconds", "gauge"),
         ("mxlb_server_downtime_seconds", "counter"),
     ];
 
@@ -666,6 +715,9 @@ pub(crate) mod tests {
             "mxlb_server_kernel_bytes_total{listener=\"smtp\",server=\"mx1\"} 1200000",
             "mxlb_server_connect_errors_total{listener=\"smtp\",server=\"mx1\"} 3",
             "mxlb_server_downtime_seconds_total{listener=\"smtp\",server=\"mx1\"} 12.5",
+            "mxlb_server_checks_failed_total{listener=\"smtp\",server=\"mx1\"} 9",
+            "mxlb_server_down_transitions_total{listener=\"smtp\",server=\"mx1\"} 2",
+            "mxlb_server_last_change_seconds{listener=\"smtp\",server=\"mx1\"} 133.4",
             "mxlb_server_up{listener=\"submission\",server=\"sub1\"} 1",
         ] {
             assert!(
