@@ -35,6 +35,7 @@ pub mod relay;
 pub mod reload;
 pub mod secret_file;
 pub mod session;
+pub mod session_register;
 pub mod sockopt;
 pub mod stats;
 #[cfg(test)]

@@ -274,19 +274,25 @@ fn demo_alternates_backends_and_shows_client_addresses() -> Result<()> {
     Ok(())
 }
 
-/// `log_format = "json"`: one JSON object per line, the connection line with every field
-/// an operator filters on.
-#[test]
-fn json_logs_carry_the_connection_fields() -> Result<()> {
+/// A backend that reads each connection's PROXY header, sends `banner` and closes.
+fn greeting_backend(banner: &'static [u8]) -> Result<SocketAddr> {
     let backend = TcpListener::bind("127.0.0.1:0")?;
-    let backend_addr = backend.local_addr()?;
+    let addr = backend.local_addr()?;
     std::thread::spawn(move || {
         for stream in backend.incoming().flatten() {
             let mut stream = stream;
             let _ = mxlb_tests::backend::read_proxy_header(&mut stream);
-            let _ = std::io::Write::write_all(&mut stream, b"220 json\r\n");
+            let _ = std::io::Write::write_all(&mut stream, banner);
         }
     });
+    Ok(addr)
+}
+
+/// `log_format = "json"`: one JSON object per line, the connection line with every field
+/// an operator filters on.
+#[test]
+fn json_logs_carry_the_connection_fields() -> Result<()> {
+    let backend_addr = greeting_backend(b"220 json\r\n")?;
     let listen = free_addr();
     let pins = pin_path("json");
     let text = config(
@@ -323,6 +329,11 @@ fn json_logs_carry_the_connection_fields() -> Result<()> {
         "{entry}"
     );
     ensure!(fields["ended"] == "closed", "{entry}");
+    // The connection's id is a field of its span.
+    ensure!(
+        entry["span"]["name"] == "session" && entry["span"]["session"].is_string(),
+        "{entry}"
+    );
     ensure!(
         fields["connect_ms"].is_number() && fields["duration_ms"].is_number(),
         "{entry}"
@@ -331,5 +342,79 @@ fn json_logs_carry_the_connection_fields() -> Result<()> {
         serde_json::from_str::<serde_json::Value>(line)
             .with_context(|| format!("not JSON: {line}"))?;
     }
+    Ok(())
+}
+
+/// Every log line of one connection carries its `session=` id, from its acceptance to its
+/// end (a failed connect on the way too), and no other connection's; `connect_ms` and
+/// `duration_ms` are to the microsecond.
+#[test]
+fn every_line_of_a_connection_carries_its_session_id() -> Result<()> {
+    let backend_addr = greeting_backend(b"220 session\r\n")?;
+    // A server that refuses every connect: one of the two clients, balanced round robin,
+    // is sent there first and redispatched.
+    let refusing = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let listen = free_addr();
+    let pins = pin_path("session-id");
+    let text = mxlb_tests::mxlb::config_with_listener_keys(
+        RelayKind::UserSpace,
+        &pins,
+        listen,
+        &[
+            ServerEntry {
+                name: "refusing",
+                addr: refusing,
+                send_proxy: "v1",
+            },
+            ServerEntry {
+                name: "mail1",
+                addr: backend_addr,
+                send_proxy: "v1",
+            },
+        ],
+        "[listen.check]\ntype = \"none\"\n",
+    );
+    let mxlb = Mxlb::start(&text, listen, &pins)?;
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut client = std::net::TcpStream::connect(listen)?;
+        let mut banner = Vec::new();
+        std::io::Read::read_to_end(&mut client, &mut banner)?;
+        ensure!(banner == b"220 session\r\n", "{banner:?}");
+        client.shutdown(std::net::Shutdown::Write)?;
+        clients.push(client);
+    }
+    let mut sessions = Vec::new();
+    for client in &clients {
+        let addr = client.local_addr()?;
+        let finished = mxlb.finished_for(addr, Duration::from_secs(10))?;
+        let lines = mxlb_tests::mxlb::session_lines(&mxlb.log(), &finished.session);
+        let has = |needle: &str| lines.iter().any(|line| line.contains(needle));
+        ensure!(
+            has(&format!("accepted client={addr}"))
+                && has("connected to")
+                && has("connection finished"),
+            "session {}: {lines:#?}\nlog:\n{}",
+            finished.session,
+            mxlb.log()
+        );
+        ensure!(
+            lines
+                .iter()
+                .all(|line| !line.contains("client=") || line.contains(&format!("client={addr}"))),
+            "another client's line in session {}: {lines:#?}",
+            finished.session
+        );
+        sessions.push(finished.session);
+    }
+    ensure!(sessions[0] != sessions[1], "{sessions:?}");
+    let failures = mxlb.log_lines(&format!("connect to {refusing} failed"));
+    ensure!(
+        !failures.is_empty()
+            && failures.iter().all(|line| sessions
+                .iter()
+                .any(|s| line.ends_with(&format!("session={s}")))),
+        "{failures:#?}"
+    );
     Ok(())
 }

@@ -13,7 +13,9 @@ use anyhow::{Context, ensure};
 use mxlb_tests::backend::{
     Backend, Digest256, ProxyInfo, digest_until_eof, pattern_digest, read_line, reset, send_pattern,
 };
-use mxlb_tests::mxlb::{Finished, Mxlb, RelayKind, ServerEntry, config, log_field, pin_path};
+use mxlb_tests::mxlb::{
+    Finished, Mxlb, RelayKind, ServerEntry, config, log_field, log_text, pin_path,
+};
 
 const MIB: u64 = 1024 * 1024;
 const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -97,12 +99,14 @@ fn assert_short_connection(relay: RelayKind, finished: &Finished) -> anyhow::Res
     );
     match relay {
         RelayKind::Kernel => ensure!(
-            finished.kernel_bytes > 0 && finished.kernel_bytes == finished.total(),
+            finished.kernel_bytes > 0
+                && finished.kernel_bytes == finished.total()
+                && finished.relay == "kernel",
             "the kernel carried every byte: {}",
             finished.line
         ),
         RelayKind::Adaptive | RelayKind::UserSpace => ensure!(
-            finished.kernel_bytes == 0,
+            finished.kernel_bytes == 0 && finished.relay == "user",
             "relayed in user space: {}",
             finished.line
         ),
@@ -190,6 +194,14 @@ fn large_message_arrives_intact(relay: RelayKind) -> anyhow::Result<()> {
         share * 100.0,
         kernel_share * 100.0
     );
+    // Paired at once, unbounded: the kernel carried every byte. Adaptive: the banner and
+    // the first 32 KiB went through the daemon.
+    let path = match relay {
+        RelayKind::Kernel => "kernel",
+        RelayKind::Adaptive => "user+kernel",
+        RelayKind::UserSpace => "user",
+    };
+    ensure!(log_text(&line, "relay")? == path, "{line}");
     if relay.is_kernel() {
         // The bytes did not pass through the daemon: the kernel's own counters say so, and
         // the daemon's CPU stays a small fraction of the transfer.
@@ -676,11 +688,11 @@ fn adaptive_relay_pairs_streams_not_conversations() -> anyhow::Result<()> {
     chatty.shutdown(Shutdown::Write)?;
     let received: u64 = backend.next_report(REPORT_TIMEOUT)?;
     assert_eq!(received, (ROUND_TRIPS * 1024) as u64);
-    let line = finished_line(&mxlb, chatty.local_addr()?)?;
-    assert_eq!(
-        log_field(&line, "kernel_bytes")?,
-        0,
-        "a conversation stays in user space: {line}"
+    let chatted = finished(&mxlb, chatty.local_addr()?)?;
+    ensure!(
+        chatted.kernel_bytes == 0 && chatted.relay == "user",
+        "a conversation stays in user space: {}",
+        chatted.line
     );
 
     let mut bulky = TcpStream::connect(mxlb.listen)?;
@@ -692,10 +704,12 @@ fn adaptive_relay_pairs_streams_not_conversations() -> anyhow::Result<()> {
     bulky.shutdown(Shutdown::Write)?;
     let received: u64 = backend.next_report(REPORT_TIMEOUT)?;
     assert_eq!(received, MIB);
-    let line = finished_line(&mxlb, bulky.local_addr()?)?;
+    let streamed = finished(&mxlb, bulky.local_addr()?)?;
+    // The banner and the first full reads went through the daemon, the rest the kernel.
     ensure!(
-        log_field(&line, "kernel_bytes")? > MIB / 2,
-        "a stream moves to the kernel: {line}"
+        streamed.kernel_bytes > MIB / 2 && streamed.relay == "user+kernel",
+        "a stream moves to the kernel: {}",
+        streamed.line
     );
     drop((chatty, bulky));
     mxlb.wait_until_clean(idle_fds, true)

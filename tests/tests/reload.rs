@@ -325,7 +325,7 @@ fn reload_moves_addresses_and_adds_a_listener() -> Result<()> {
     for client in [on_new, on_submission] {
         let finished = mxlb.finished_for(client, TIMEOUT)?;
         ensure!(
-            finished.relay == "kernel" && finished.total() > 0 && finished.kernel_bytes == 0,
+            finished.relay == "user" && finished.total() > 0 && finished.kernel_bytes == 0,
             "{}",
             finished.line
         );

@@ -67,7 +67,42 @@ pub struct Transfer {
     pub ended: Termination,
 }
 
+/// Which way a connection's bytes went, by its byte counters: the `relay=` field of the
+/// `connection finished` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayPath {
+    /// The kernel carried no byte: the daemon relayed every one (or none moved).
+    User,
+    /// The kernel carried every byte after the PROXY header (none went through the daemon).
+    Kernel,
+    /// Some of each: bytes relayed before the pairing, held bytes the daemon passed on
+    /// for a slow peer, or a client socket the kernel refused.
+    UserAndKernel,
+}
+
+impl fmt::Display for RelayPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RelayPath::User => "user",
+            RelayPath::Kernel => "kernel",
+            RelayPath::UserAndKernel => "user+kernel",
+        })
+    }
+}
+
 impl Transfer {
+    /// Which way the bytes went: `kernel` counts the bytes the verdict redirected, both
+    /// directions; `bytes_in + bytes_out` counts every byte relayed, by either path.
+    pub fn path(&self) -> RelayPath {
+        if self.kernel == 0 {
+            RelayPath::User
+        } else if self.kernel >= self.bytes_in + self.bytes_out {
+            RelayPath::Kernel
+        } else {
+            RelayPath::UserAndKernel
+        }
+    }
+
     /// A connection that ended before anything was relayed.
     pub fn nothing(ended: Termination) -> Transfer {
         Transfer {
@@ -368,5 +403,41 @@ impl Relay {
                 Termination::IntegrityError
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transfer(bytes_in: u64, bytes_out: u64, kernel: u64) -> Transfer {
+        Transfer {
+            bytes_in,
+            bytes_out,
+            kernel,
+            ended: Termination::Closed,
+        }
+    }
+
+    #[test]
+    fn the_path_is_read_from_the_byte_counters() {
+        assert_eq!(transfer(0, 0, 0).path(), RelayPath::User);
+        assert_eq!(transfer(300, 283, 0).path(), RelayPath::User);
+        assert_eq!(transfer(300, 283, 583).path(), RelayPath::Kernel);
+        // The banner and the dialogue in user space, the message in the kernel.
+        assert_eq!(
+            transfer(1 << 20, 283, 1 << 20).path(),
+            RelayPath::UserAndKernel
+        );
+        assert_eq!(transfer(300, 283, 1).path(), RelayPath::UserAndKernel);
+    }
+
+    #[test]
+    fn the_paths_have_the_names_the_log_uses() {
+        let names: Vec<String> = [RelayPath::User, RelayPath::Kernel, RelayPath::UserAndKernel]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(names, ["user", "kernel", "user+kernel"]);
     }
 }
