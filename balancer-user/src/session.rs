@@ -198,6 +198,7 @@ impl Frontend {
                 listener: self.config.name.clone(),
                 server: server.name.clone(),
                 server_addr: server.addr,
+                span: tracing::Span::current(),
             },
         );
         debug!(

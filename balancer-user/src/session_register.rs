@@ -41,12 +41,30 @@ impl fmt::Display for SessionId {
 }
 
 /// What the log says of a connection cut at the end of the grace period.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct OpenSession {
     pub client: SocketAddr,
     pub listener: String,
     pub server: String,
     pub server_addr: SocketAddr,
+    /// The connection's span: the cut is logged in it, with its id like every other line.
+    pub span: tracing::Span,
+}
+
+/// Logs one line per connection still relayed, each in its own span: the `grace` period
+/// is over and they are about to be cut.
+pub fn log_cut_connections() {
+    for (_, open) in relayed_now() {
+        open.span.in_scope(|| {
+            tracing::warn!(
+                client = %open.client,
+                listener = %open.listener,
+                server = %open.server,
+                server_addr = %open.server_addr,
+                "grace period over: connection cut"
+            );
+        });
+    }
 }
 
 static OPEN: Mutex<BTreeMap<SessionId, OpenSession>> = Mutex::new(BTreeMap::new());
@@ -99,9 +117,14 @@ mod tests {
             listener: "smtp".into(),
             server: "mail1".into(),
             server_addr: "10.0.0.11:25".parse().unwrap(),
+            span: tracing::Span::none(),
         };
-        let guard = register(id, session.clone());
-        assert!(relayed_now().contains(&(id, session)));
+        let guard = register(id, session);
+        assert!(
+            relayed_now()
+                .iter()
+                .any(|(other, open)| *other == id && open.server == "mail1")
+        );
         drop(guard);
         assert!(relayed_now().iter().all(|(other, _)| *other != id));
     }
