@@ -17,7 +17,7 @@ use crate::limits::{self, Admission, Gauge, Limit, Refused};
 use crate::logging::millis;
 use crate::pool::{Pool, Reservation, ServerRuntime};
 use crate::proxy_header::{self, ProxyHeader};
-use crate::relay::{Relay, Termination};
+use crate::relay::{IdleTimeout, Relay, Termination};
 use crate::session_register::{self, OpenSession, SessionId};
 use crate::stats::ListenerStats;
 
@@ -216,7 +216,10 @@ impl Frontend {
                     client,
                     upstream,
                     &session.live,
-                    self.config.timeout_idle,
+                    IdleTimeout {
+                        after: self.config.timeout_idle,
+                        hostname: &self.config.hostname,
+                    },
                 ))
                 .await
             }

@@ -4,6 +4,7 @@
 //! the two sockets inside the kernel. The user-space relay exists for machines where eBPF
 //! cannot load; `relay = "auto"` picks the kernel when it loads and says why when it cannot.
 
+mod dialogue;
 mod kernel;
 pub mod ledger;
 mod sockmap;
@@ -12,8 +13,8 @@ mod watch;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -22,6 +23,7 @@ pub use sockmap::{EBPF_LOG_TARGET, KernelRelay};
 
 use crate::config::RelayMode;
 use crate::sockopt;
+use dialogue::Dialogue;
 use ledger::{AfterReset, Ledger, Moment, Resets};
 
 /// How a relayed connection ended, in the spirit of HAProxy's termination states.
@@ -129,6 +131,9 @@ pub struct LiveTraffic {
     /// Cookies of the client and server sockets while paired in the kernel; 0 otherwise.
     client_cookie: AtomicU64,
     server_cookie: AtomicU64,
+    /// What the bytes the daemon relayed say of the SMTP dialogue (for the idle timeout's
+    /// `421`).
+    dialogue: Mutex<Dialogue>,
 }
 
 impl LiveTraffic {
@@ -138,6 +143,22 @@ impl LiveTraffic {
 
     pub(crate) fn add_daemon_out(&self, bytes: u64) {
         self.daemon_out.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes the user-space relay wrote to the server: counted, and read for the dialogue.
+    fn client_said(&self, bytes: &[u8]) {
+        self.add_daemon_in(bytes.len() as u64);
+        self.lock_dialogue().client_said(bytes);
+    }
+
+    /// Bytes the user-space relay wrote to the client: counted, and read for the dialogue.
+    fn server_said(&self, bytes: &[u8]) {
+        self.add_daemon_out(bytes.len() as u64);
+        self.lock_dialogue().server_said(bytes);
+    }
+
+    fn lock_dialogue(&self) -> std::sync::MutexGuard<'_, Dialogue> {
+        self.dialogue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn paired(&self) -> Option<(u64, u64)> {
@@ -209,6 +230,15 @@ impl Transfer {
     }
 }
 
+/// When a connection counts as idle, and the name it is told at that point.
+#[derive(Clone, Copy, Debug)]
+pub struct IdleTimeout<'a> {
+    /// `timeout_idle`: no byte moved either way for this long.
+    pub after: std::time::Duration,
+    /// The name in the `421` a client at a command boundary is told ([`tell_idle_client`]).
+    pub hostname: &'a str,
+}
+
 /// The relay chosen at start-up.
 #[derive(Clone)]
 pub enum Relay {
@@ -276,8 +306,12 @@ impl Relay {
         client: TcpStream,
         server: TcpStream,
         live: &LiveTraffic,
-        timeout_idle: std::time::Duration,
+        idle: IdleTimeout<'_>,
     ) -> std::io::Result<Termination> {
+        let IdleTimeout {
+            after: timeout_idle,
+            hostname,
+        } = idle;
         // Urgent bytes stay in the stream on both paths (the verdict forwards them too).
         sockopt::keep_urgent_inline(&client)?;
         sockopt::keep_urgent_inline(&server)?;
@@ -285,21 +319,16 @@ impl Relay {
         let ended = match self {
             // Each phase boxed, so an idle connection holds only the state of the one it is in.
             Relay::Kernel(kernel) => {
-                return Box::pin(self.relay_with_kernel(
-                    kernel,
-                    client,
-                    server,
-                    live,
-                    timeout_idle,
-                    &ledger,
-                ))
+                return Box::pin(
+                    self.relay_with_kernel(kernel, client, server, live, idle, &ledger),
+                )
                 .await;
             }
             Relay::UserSpace => {
                 Box::pin(userspace::relay(&client, &server, live, timeout_idle)).await
             }
         };
-        Ok(self.finish(ended, &client, &server, live, &ledger))
+        Ok(self.finish(ended, &client, &server, live, &ledger, hostname))
     }
 
     /// The kernel relay's phases: user space until `kernel_relay_after` bytes streamed and
@@ -311,9 +340,13 @@ impl Relay {
         client: TcpStream,
         server: TcpStream,
         live: &LiveTraffic,
-        timeout_idle: std::time::Duration,
+        idle: IdleTimeout<'_>,
         ledger: &Ledger,
     ) -> std::io::Result<Termination> {
+        let IdleTimeout {
+            after: timeout_idle,
+            hostname,
+        } = idle;
         let (client_whole, server_whole) = ledger.initially_whole();
         let mut whole = userspace::Whole {
             client: client_whole,
@@ -331,7 +364,7 @@ impl Relay {
             ))
             .await;
             if let userspace::Phase::Finished(ended) = phase {
-                return Ok(self.finish(ended, &client, &server, live, ledger));
+                return Ok(self.finish(ended, &client, &server, live, ledger, hostname));
             }
         }
         let relayed = live.relayed(Some(kernel));
@@ -366,7 +399,7 @@ impl Relay {
                         return Ok(Termination::IntegrityError);
                     }
                 }
-                return Ok(self.finish(ended, &client, &server, live, ledger));
+                return Ok(self.finish(ended, &client, &server, live, ledger, hostname));
             }
             ledger::report(&violation, &client, &server);
             return Ok(Termination::IntegrityError);
@@ -375,12 +408,13 @@ impl Relay {
             kernel::Outcome::Ended(ended) => Ok(ended),
             kernel::Outcome::Refused(client, server) => {
                 let ended = Box::pin(userspace::relay(&client, &server, live, timeout_idle)).await;
-                Ok(self.finish(ended, &client, &server, live, ledger))
+                Ok(self.finish(ended, &client, &server, live, ledger, hostname))
             }
         }
     }
 
-    /// Balances the ledger of a connection that ended in user space and closes it.
+    /// Balances the ledger of a connection that ended in user space (its caller closes
+    /// it); at the idle timeout, tells the client so if it may be told.
     fn finish(
         &self,
         ended: Termination,
@@ -388,8 +422,10 @@ impl Relay {
         server: &TcpStream,
         live: &LiveTraffic,
         ledger: &Ledger,
+        hostname: &str,
     ) -> Termination {
-        let relayed = live.transfer(self, ended).relayed();
+        let transfer = live.transfer(self, ended);
+        let relayed = transfer.relayed();
         // Reset or timed out: bytes may rightly be left unrelayed; only the bounds hold.
         let checked = if ended == Termination::Closed {
             ledger.balance(client, server, relayed, Moment::End)
@@ -397,13 +433,45 @@ impl Relay {
             ledger.bounds(client, server, || relayed)
         };
         match checked {
-            Ok(()) => ended,
+            Ok(()) => {
+                // After the balance: the reply is the daemon's own bytes, not relayed ones.
+                if ended == Termination::IdleTimeout && transfer.kernel == 0 {
+                    tell_idle_client(client, live, hostname);
+                }
+                ended
+            }
             Err(violation) => {
                 ledger::report(&violation, client, server);
                 Termination::IntegrityError
             }
         }
     }
+}
+
+/// At the idle timeout, tells the client `421 4.4.2 <hostname> Error: timeout exceeded`, as
+/// Postfix does, when that reply cannot land inside anything else: the daemon relayed every
+/// byte of the connection itself (the caller checks), the dialogue is at a command
+/// boundary ([`dialogue`]), and the client's socket has nothing left to send, so the reply
+/// goes out whole in one write. Otherwise the client just sees the connection close.
+fn tell_idle_client(client: &TcpStream, live: &LiveTraffic, hostname: &str) {
+    if !live.lock_dialogue().at_command_boundary() {
+        debug!("idle timeout: not at a command boundary, closing without a reply");
+        return;
+    }
+    if !sockopt::unacknowledged(client).is_ok_and(|queued| queued == 0) {
+        debug!("idle timeout: the client has not taken everything yet, closing without a reply");
+        return;
+    }
+    let reply = idle_reply(hostname);
+    match client.try_write(reply.as_bytes()) {
+        Ok(n) if n == reply.len() => debug!("idle timeout: told the client 421"),
+        outcome => debug!(?outcome, "idle timeout: the 421 did not go out whole"),
+    }
+}
+
+/// The reply a client at a command boundary gets at the idle timeout.
+fn idle_reply(hostname: &str) -> String {
+    format!("421 4.4.2 {hostname} Error: timeout exceeded\r\n")
 }
 
 #[cfg(test)]
@@ -430,6 +498,14 @@ mod tests {
             RelayPath::UserAndKernel
         );
         assert_eq!(transfer(300, 283, 1).path(), RelayPath::UserAndKernel);
+    }
+
+    #[test]
+    fn the_idle_reply_is_postfix_s() {
+        assert_eq!(
+            idle_reply("mx.example.com"),
+            "421 4.4.2 mx.example.com Error: timeout exceeded\r\n"
+        );
     }
 
     #[test]
