@@ -1595,6 +1595,63 @@ addr = "127.0.0.1:10025"
     }
 
     #[test]
+    fn syslog_output_and_hostname() {
+        let stderr = parse(MINIMAL).expect("parses");
+        assert_eq!(stderr.global.log_target, LogTarget::Stderr);
+        assert_eq!(stderr.global.hostname, None);
+        let config = parse(&format!(
+            "[global]\nlog_target = \"syslog\"\nhostname = \"mx1.example.com\"\n{MINIMAL}"
+        ))
+        .expect("parses");
+        assert_eq!(
+            config.global.log_target,
+            LogTarget::Syslog(Syslog {
+                socket: PathBuf::from("/dev/log"),
+                facility: Facility::Mail,
+                format: SyslogFormat::Rfc3164,
+            })
+        );
+        assert_eq!(config.listeners[0].hostname, "mx1.example.com");
+        let config = parse(&format!(
+            "[global]\nlog_target = \"syslog\"\nsyslog_socket = \"/run/log.sock\"\n\
+             syslog_facility = \"local3\"\nsyslog_format = \"rfc5424\"\n{MINIMAL}"
+        ))
+        .expect("parses");
+        let LogTarget::Syslog(syslog) = config.global.log_target else {
+            panic!("syslog");
+        };
+        assert_eq!(
+            (syslog.socket, syslog.facility.code(), syslog.format),
+            (PathBuf::from("/run/log.sock"), 19, SyslogFormat::Rfc5424)
+        );
+        assert_error(
+            &format!("[global]\nsyslog_facility = \"mail\"\n{MINIMAL}"),
+            "mxlb.toml:2:19:",
+            "syslog_* keys need log_target = \"syslog\"",
+        );
+        assert_error(
+            &format!("[global]\nlog_target = \"syslog\"\nsyslog_facility = \"mial\"\n{MINIMAL}"),
+            "mxlb.toml:3:19:",
+            "unknown variant `mial`",
+        );
+        assert_error(
+            &format!("[global]\nlog_target = \"journal\"\n{MINIMAL}"),
+            "mxlb.toml:2:14:",
+            "unknown variant `journal`",
+        );
+        assert_error(
+            &format!("[global]\nlog_target = \"syslog\"\nsyslog_socket = \"log\"\n{MINIMAL}"),
+            "mxlb.toml:3:17:",
+            "syslog_socket must be an absolute path",
+        );
+        assert_error(
+            &format!("[global]\nhostname = \"mx 1\"\n{MINIMAL}"),
+            "mxlb.toml:2:12:",
+            "hostname must be one word of visible ASCII",
+        );
+    }
+
+    #[test]
     fn check_section_defaults() {
         let config =
             parse(&format!("{MINIMAL}\n[listen.check]\ninter = \"3s\"\n")).expect("parses");

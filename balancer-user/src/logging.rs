@@ -1,28 +1,66 @@
-//! Logging set-up: tracing to stderr, as text or JSON (`global.log_format`), filtered by
-//! `RUST_LOG` (default `info`). The eBPF program's diagnostics appear under `mxlb::ebpf` at
-//! debug level: `RUST_LOG=info,mxlb::ebpf=debug` turns them on.
+//! Logging set-up: tracing to stderr or to syslog (`global.log_target`), as text or JSON
+//! (`global.log_format`), filtered by `RUST_LOG` (default `info`). The eBPF program's
+//! diagnostics appear under `mxlb::ebpf` at debug level: `RUST_LOG=info,mxlb::ebpf=debug`
+//! turns them on.
 //!
 //! The text format is tracing's compact one: a line is `LEVEL spans: target: message
 //! key=value…`, with the fields of the spans the event happened in (the connection's
-//! `session=` id) after the event's own, so every field stays a plain `key=value`.
+//! `session=` id) after the event's own, so every field stays a plain `key=value`. To
+//! syslog the line goes without its timestamp (the syslog header has one) and without
+//! colours.
+
+mod syslog;
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use anyhow::Context;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
-use crate::config::LogFormat;
+use crate::config::{Global, LogFormat, LogTarget};
 
-pub fn init(format: LogFormat) {
+/// Sets up the log as `global` says. Fails only when the syslog socket cannot be reached.
+pub fn init(global: &Global) -> anyhow::Result<()> {
+    match &global.log_target {
+        LogTarget::Stderr => {
+            install(
+                std::io::stderr,
+                global.log_format,
+                true,
+                std::io::stderr().is_terminal(),
+            );
+        }
+        LogTarget::Syslog(target) => {
+            let hostname = crate::config::own_hostname(global);
+            let writer = syslog::SyslogWriter::connect(target, hostname).with_context(|| {
+                format!(
+                    "log_target = \"syslog\": cannot reach {}",
+                    target.socket.display()
+                )
+            })?;
+            install(syslog::MakeSyslog(writer), global.log_format, false, false);
+        }
+    }
+    Ok(())
+}
+
+/// Installs the subscriber; `stamped`: lines begin with their time.
+fn install<W>(writer: W, format: LogFormat, stamped: bool, ansi: bool)
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(writer)
+        .with_ansi(ansi);
     // A second init (tests, demo after a failed start) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.compact().try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let _ = match (format, stamped) {
+        (LogFormat::Text, true) => builder.compact().try_init(),
+        (LogFormat::Text, false) => builder.compact().without_time().try_init(),
+        (LogFormat::Json, true) => builder.json().try_init(),
+        (LogFormat::Json, false) => builder.json().without_time().try_init(),
     };
 }
 

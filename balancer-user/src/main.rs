@@ -258,7 +258,10 @@ fn run_daemon(
     warning: Option<String>,
     start: Start,
 ) -> ExitCode {
-    mxlb::logging::init(config.global.log_format);
+    if let Err(error) = mxlb::logging::init(&config.global) {
+        eprintln!("mxlb: {error:#}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }

@@ -191,6 +191,15 @@ fn remove_stale_pins() {
     }
 }
 
+/// What tells that a daemon just started is ready.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ready {
+    /// Its "ready" line on stderr.
+    LogLine,
+    /// Only that it accepts on its listener (it logs elsewhere).
+    Listening,
+}
+
 /// A running daemon.
 pub struct Mxlb {
     child: Child,
@@ -213,6 +222,26 @@ impl Mxlb {
         pin_path: &Path,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Mxlb> {
+        let (command, dir) = Self::run_command(config_text, env)?;
+        Self::spawn(command, dir, listen, pin_path)
+    }
+
+    /// [`Mxlb::start`] for a configuration that logs elsewhere than stderr (`log_target =
+    /// "syslog"`): there is no "ready" line to wait for, so it waits for the port.
+    pub fn start_logging_elsewhere(
+        config_text: &str,
+        listen: SocketAddr,
+        pin_path: &Path,
+    ) -> anyhow::Result<Mxlb> {
+        let (command, dir) = Self::run_command(config_text, &[])?;
+        Self::spawn_until(command, dir, listen, pin_path, Ready::Listening)
+    }
+
+    /// `mxlb run --config <dir>/mxlb.toml`, with `config_text` written there.
+    fn run_command(
+        config_text: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(Command, tempfile::TempDir)> {
         let dir = tempfile::tempdir()?;
         // Readable by a daemon that dropped root (`[global] user`): it reads the file again
         // at each reload.
@@ -225,17 +254,27 @@ impl Mxlb {
             .arg("--config")
             .arg(&config_path)
             .envs(env.iter().copied());
-        Self::spawn(command, dir, listen, pin_path)
+        Ok((command, dir))
     }
 
     /// Starts the daemon with `command`, which must become `mxlb run --config
     /// <dir>/mxlb.toml` (or `mxlb upgrade`) in the same process (a wrapper such as `setpriv` that execs it), and
     /// waits until it is ready and accepts on `listen`. `dir` lives as long as the daemon.
     pub fn spawn(
+        command: Command,
+        dir: tempfile::TempDir,
+        listen: SocketAddr,
+        pin_path: &Path,
+    ) -> anyhow::Result<Mxlb> {
+        Self::spawn_until(command, dir, listen, pin_path, Ready::LogLine)
+    }
+
+    fn spawn_until(
         mut command: Command,
         dir: tempfile::TempDir,
         listen: SocketAddr,
         pin_path: &Path,
+        ready: Ready,
     ) -> anyhow::Result<Mxlb> {
         // The caller's RUST_LOG (fault injection may set one) wins over the tests' default.
         if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
@@ -270,7 +309,7 @@ impl Mxlb {
         let deadline = Instant::now() + Duration::from_secs(20);
         // "ready" comes after every listener, the stats server and the signal handlers: the
         // descriptor count the tests take as "idle" is final by then.
-        while !mxlb.log().lines().any(is_ready_line) {
+        while ready == Ready::LogLine && !mxlb.log().lines().any(is_ready_line) {
             if let Some(status) = mxlb.child.try_wait()? {
                 bail!("mxlb exited with {status} during start:\n{}", mxlb.log());
             }
