@@ -21,7 +21,7 @@
 pub struct Dialogue {
     /// The first bytes of the server's current reply line (code and separator).
     reply_start: [u8; 4],
-    /// How many bytes of the current reply line came so far (saturating).
+    /// How many of `reply_start` the current line filled (at most 4).
     reply_len: usize,
     /// The server's bytes so far end a final reply line.
     reply_done: bool,
@@ -37,18 +37,43 @@ pub struct Dialogue {
 const END_OF_DATA: &[u8; 5] = b"\r\n.\r\n";
 
 impl Dialogue {
-    /// Bytes the daemon passed from the server to the client.
+    /// Bytes the daemon passed from the server to the client. Only the last line that
+    /// ends in them can matter (and the start of the one after it), so a chunk is looked
+    /// at from its end: a bulk transfer costs one scan for a newline, not a step per byte.
     pub fn server_said(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            if self.reply_len < self.reply_start.len() {
-                self.reply_start[self.reply_len] = byte;
+        let Some(last_newline) = bytes.iter().rposition(|&b| b == b'\n') else {
+            self.continue_line(bytes);
+            return;
+        };
+        let (line, after) = (&bytes[..last_newline], &bytes[last_newline + 1..]);
+        match line.iter().rposition(|&b| b == b'\n') {
+            // The line began in this chunk.
+            Some(previous) => {
+                self.reply_start = [0; 4];
+                self.reply_len = 0;
+                self.continue_line(&line[previous + 1..]);
             }
-            self.reply_len = self.reply_len.saturating_add(1);
-            self.reply_done = false;
-            if byte == b'\n' {
-                self.line_ended();
-            }
+            // It began in an earlier one.
+            None => self.continue_line(line),
         }
+        self.reply_done = false;
+        self.line_ended();
+        self.continue_line(after);
+    }
+
+    /// More bytes of the server's current line (no newline among them).
+    fn continue_line(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        for &byte in bytes
+            .iter()
+            .take(self.reply_start.len().saturating_sub(self.reply_len))
+        {
+            self.reply_start[self.reply_len] = byte;
+            self.reply_len += 1;
+        }
+        self.reply_done = false;
     }
 
     /// A reply line ended: final unless the byte after the code is `-`.
@@ -121,6 +146,16 @@ mod tests {
         // A reply in pieces, complete at last.
         assert!(after(&[(S, "2"), (S, "20 m"), (S, "x\r"), (S, "\n")]).at_command_boundary());
         assert!(after(&[(S, "250\r\n")]).at_command_boundary());
+        // A whole dialogue's replies in one chunk: the last line decides.
+        assert!(after(&[(S, "220 mx\r\n250-mx\r\n250 ok\r\n")]).at_command_boundary());
+        assert!(!after(&[(S, "220 mx\r\n250 ok\r\n250-mx\r\n")]).at_command_boundary());
+        assert!(!after(&[(S, "250 ok\r\n\n")]).at_command_boundary());
+        // Bulk bytes without a newline, then the end of a line.
+        let mut bulk = vec![b'x'; 64 * 1024];
+        bulk.extend_from_slice(b"\r\n250 done\r\n");
+        let mut dialogue = Dialogue::default();
+        dialogue.server_said(&bulk);
+        assert!(dialogue.at_command_boundary());
     }
 
     #[test]
@@ -148,6 +183,8 @@ mod tests {
     fn nothing_is_said_inside_data_until_the_message_ends() {
         let data = [(S, "220 mx\r\n"), (C, "DATA\r\n"), (S, "354 go ahead\r\n")];
         assert!(!after(&data).at_command_boundary());
+        // Pipelined replies ending with the 354.
+        assert!(!after(&[(S, "250 ok\r\n250 ok\r\n354 go\r\n")]).at_command_boundary());
         let mut in_message = data.to_vec();
         in_message.push((C, "Subject: x\r\n\r\nline\r\n"));
         assert!(!after(&in_message).at_command_boundary());
