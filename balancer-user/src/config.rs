@@ -94,6 +94,11 @@ pub struct Global {
     /// The unix socket on which the daemon hands its listening sockets to `mxlb upgrade`
     /// ([`crate::upgrade`]); `None` (the default) allows no upgrade in place.
     pub upgrade_socket: Option<PathBuf>,
+    /// Where log lines go: stderr (the default) or a syslog socket.
+    pub log_target: LogTarget,
+    /// The name the daemon gives itself: in the idle timeout's `421` and in syslog
+    /// messages; `None` (the default): the system's host name.
+    pub hostname: Option<String>,
 }
 
 impl Global {
@@ -122,8 +127,152 @@ impl Default for Global {
             threads: 0,
             user: None,
             upgrade_socket: None,
+            log_target: LogTarget::Stderr,
+            hostname: None,
         }
     }
+}
+
+/// `log_target`, with the `syslog_*` keys when it is `"syslog"`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LogTarget {
+    #[default]
+    Stderr,
+    Syslog(Syslog),
+}
+
+/// Where and how log lines go to syslog (`[global] syslog_socket`, `syslog_facility`,
+/// `syslog_format`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Syslog {
+    /// A unix datagram socket, `/dev/log` by default.
+    pub socket: PathBuf,
+    pub facility: Facility,
+    pub format: SyslogFormat,
+}
+
+/// The syslog facilities of RFC 5424, 6.2.1, by their usual names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Facility {
+    Kern,
+    User,
+    #[default]
+    Mail,
+    Daemon,
+    Auth,
+    Syslog,
+    Lpr,
+    News,
+    Uucp,
+    Cron,
+    Authpriv,
+    Ftp,
+    Local0,
+    Local1,
+    Local2,
+    Local3,
+    Local4,
+    Local5,
+    Local6,
+    Local7,
+}
+
+impl Facility {
+    /// The facility's number, as the PRI field carries it (`facility * 8 + severity`).
+    pub fn code(self) -> u8 {
+        match self {
+            Facility::Kern => 0,
+            Facility::User => 1,
+            Facility::Mail => 2,
+            Facility::Daemon => 3,
+            Facility::Auth => 4,
+            Facility::Syslog => 5,
+            Facility::Lpr => 6,
+            Facility::News => 7,
+            Facility::Uucp => 8,
+            Facility::Cron => 9,
+            Facility::Authpriv => 10,
+            Facility::Ftp => 11,
+            Facility::Local0 => 16,
+            Facility::Local1 => 17,
+            Facility::Local2 => 18,
+            Facility::Local3 => 19,
+            Facility::Local4 => 20,
+            Facility::Local5 => 21,
+            Facility::Local6 => 22,
+            Facility::Local7 => 23,
+        }
+    }
+}
+
+/// The header syslog messages carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyslogFormat {
+    /// `<PRI>Mmm dd hh:mm:ss HOSTNAME mxlb[PID]: MSG` (RFC 3164, 4.1).
+    #[default]
+    Rfc3164,
+    /// `<PRI>1 TIMESTAMP HOSTNAME mxlb PID - - MSG` (RFC 5424, 6).
+    Rfc5424,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawLogTarget {
+    #[default]
+    Stderr,
+    Syslog,
+}
+
+const DEFAULT_SYSLOG_SOCKET: &str = "/dev/log";
+
+/// `log_target` and the `syslog_*` keys, which mean something only with `"syslog"`.
+fn log_target(global: &RawGlobal) -> Validated<LogTarget> {
+    let target = global.log_target.unwrap_or_default();
+    if target == RawLogTarget::Stderr {
+        let stray = [
+            global.syslog_socket.as_ref().map(Spanned::span),
+            global.syslog_facility.as_ref().map(Spanned::span),
+            global.syslog_format.as_ref().map(Spanned::span),
+        ];
+        if let Some(span) = stray.into_iter().flatten().next() {
+            return invalid(span, "syslog_* keys need log_target = \"syslog\"");
+        }
+        return Ok(LogTarget::Stderr);
+    }
+    let socket = match &global.syslog_socket {
+        Some(path) if !path.get_ref().is_absolute() => {
+            return invalid(path.span(), "syslog_socket must be an absolute path");
+        }
+        Some(path) => path.get_ref().clone(),
+        None => PathBuf::from(DEFAULT_SYSLOG_SOCKET),
+    };
+    Ok(LogTarget::Syslog(Syslog {
+        socket,
+        facility: global
+            .syslog_facility
+            .as_ref()
+            .map_or_else(Facility::default, |f| *f.get_ref()),
+        format: global
+            .syslog_format
+            .as_ref()
+            .map_or_else(SyslogFormat::default, |f| *f.get_ref()),
+    }))
+}
+
+/// `hostname` goes into an SMTP reply and a syslog header: one word of visible ASCII.
+fn hostname(raw: Option<&Spanned<String>>) -> Validated<Option<String>> {
+    match raw {
+        None => Ok(None),
+        Some(name) if is_visible_ascii(name.get_ref()) => Ok(Some(name.get_ref().clone())),
+        Some(name) => invalid(name.span(), "hostname must be one word of visible ASCII"),
+    }
+}
+
+/// The name the daemon gives itself: `hostname`, or the system's host name.
+pub fn own_hostname(global: &Global) -> String {
+    global.hostname.clone().unwrap_or_else(default_domain)
 }
 
 /// How established connections are relayed.
@@ -185,6 +334,8 @@ pub struct Listener {
     pub check: Check,
     /// In file order; the TOML key is `[[listen.server]]`.
     pub servers: Vec<Server>,
+    /// The name in the idle timeout's `421` (`[global] hostname`, or the system's).
+    pub hostname: String,
 }
 
 /// Per-source limits of a listener: clients over them are answered `421 4.7.0` before any
@@ -512,11 +663,18 @@ struct RawGlobal {
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     upgrade_socket: Option<Spanned<PathBuf>>,
+    log_target: Option<RawLogTarget>,
+    syslog_socket: Option<Spanned<PathBuf>>,
+    syslog_facility: Option<Spanned<Facility>>,
+    syslog_format: Option<Spanned<SyslogFormat>>,
+    hostname: Option<Spanned<String>>,
 }
 
 impl RawGlobal {
     fn validate(self) -> Validated<Global> {
         let defaults = Global::default();
+        let log_target = log_target(&self)?;
+        let hostname = hostname(self.hostname.as_ref())?;
         Ok(Global {
             pin_path: self.pin_path.unwrap_or(defaults.pin_path),
             relay: self.relay.unwrap_or(defaults.relay),
@@ -535,6 +693,8 @@ impl RawGlobal {
             threads: bounded(self.threads, defaults.threads, 0..=1024, "threads")?,
             user: run_as(self.user, self.group)?,
             upgrade_socket: self.upgrade_socket.map(socket_path).transpose()?,
+            log_target,
+            hostname,
         })
     }
 }
@@ -655,6 +815,7 @@ impl RawListener {
             check: check(self.check)?,
             servers: servers(self.server, &name, name_span)?,
             name,
+            hostname: own_hostname(global),
         })
     }
 }
@@ -1237,6 +1398,8 @@ addr = "127.0.0.1:10025"
                 threads: 0,
                 user: None,
                 upgrade_socket: None,
+                log_target: LogTarget::Stderr,
+                hostname: None,
             },
             stats: Some(Stats {
                 bind: addr("127.0.0.1:8404"),
@@ -1276,6 +1439,7 @@ addr = "127.0.0.1:10025"
                     check: true,
                     maxconn: 0,
                 }],
+                hostname: default_domain(),
             }],
         };
         assert_eq!(config, expected);
@@ -1480,6 +1644,63 @@ addr = "127.0.0.1:10025"
             &format!("[global]\nupgrade_socket = \"{long}\"\n{MINIMAL}"),
             "mxlb.toml:2:18:",
             "longer than the 107 bytes",
+        );
+    }
+
+    #[test]
+    fn syslog_output_and_hostname() {
+        let stderr = parse(MINIMAL).expect("parses");
+        assert_eq!(stderr.global.log_target, LogTarget::Stderr);
+        assert_eq!(stderr.global.hostname, None);
+        let config = parse(&format!(
+            "[global]\nlog_target = \"syslog\"\nhostname = \"mx1.example.com\"\n{MINIMAL}"
+        ))
+        .expect("parses");
+        assert_eq!(
+            config.global.log_target,
+            LogTarget::Syslog(Syslog {
+                socket: PathBuf::from("/dev/log"),
+                facility: Facility::Mail,
+                format: SyslogFormat::Rfc3164,
+            })
+        );
+        assert_eq!(config.listeners[0].hostname, "mx1.example.com");
+        let config = parse(&format!(
+            "[global]\nlog_target = \"syslog\"\nsyslog_socket = \"/run/log.sock\"\n\
+             syslog_facility = \"local3\"\nsyslog_format = \"rfc5424\"\n{MINIMAL}"
+        ))
+        .expect("parses");
+        let LogTarget::Syslog(syslog) = config.global.log_target else {
+            panic!("syslog");
+        };
+        assert_eq!(
+            (syslog.socket, syslog.facility.code(), syslog.format),
+            (PathBuf::from("/run/log.sock"), 19, SyslogFormat::Rfc5424)
+        );
+        assert_error(
+            &format!("[global]\nsyslog_facility = \"mail\"\n{MINIMAL}"),
+            "mxlb.toml:2:19:",
+            "syslog_* keys need log_target = \"syslog\"",
+        );
+        assert_error(
+            &format!("[global]\nlog_target = \"syslog\"\nsyslog_facility = \"mial\"\n{MINIMAL}"),
+            "mxlb.toml:3:19:",
+            "unknown variant `mial`",
+        );
+        assert_error(
+            &format!("[global]\nlog_target = \"journal\"\n{MINIMAL}"),
+            "mxlb.toml:2:14:",
+            "unknown variant `journal`",
+        );
+        assert_error(
+            &format!("[global]\nlog_target = \"syslog\"\nsyslog_socket = \"log\"\n{MINIMAL}"),
+            "mxlb.toml:3:17:",
+            "syslog_socket must be an absolute path",
+        );
+        assert_error(
+            &format!("[global]\nhostname = \"mx 1\"\n{MINIMAL}"),
+            "mxlb.toml:2:12:",
+            "hostname must be one word of visible ASCII",
         );
     }
 

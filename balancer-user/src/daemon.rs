@@ -221,6 +221,9 @@ pub async fn run(
             sessions = sessions.len(),
             "grace period over: closing remaining connections"
         );
+        // Each by name: which client lost its connection, to which server. (A session
+        // still connecting to its server has no line of its own; it counts above.)
+        crate::session_register::log_cut_connections();
     }
     // The stats thread holds the relay too (its snapshots read the maps): wait until it
     // has ended, or the process exits with the kernel relay still referenced and its pins

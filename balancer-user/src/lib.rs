@@ -36,6 +36,7 @@ pub mod reload;
 pub mod running_config;
 pub mod secret_file;
 pub mod session;
+pub mod session_register;
 pub mod sockopt;
 pub mod stats;
 #[cfg(test)]

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::accept::{accept_loop, bind, listen_backlog, set_backlog};
-use crate::config::Listener;
+use crate::config::{Listener, SendProxy, Server};
 use crate::limits::Gauge;
 use crate::pool::{ServerRuntime, same_server};
 use crate::relay::Relay;
@@ -64,6 +64,8 @@ pub struct Changes {
     pub servers_added: Vec<String>,
     /// `listener/server`, for servers that are gone (or moved to another address).
     pub servers_removed: Vec<String>,
+    /// `listener/server: what changed`, for servers that stay with other settings.
+    pub servers_changed: Vec<String>,
 }
 
 impl Listeners {
@@ -312,7 +314,55 @@ impl Changes {
         };
         self.servers_added.extend(unmatched(new, old));
         self.servers_removed.extend(unmatched(old, new));
+        for after in new {
+            let Some(before) = old.iter().find(|s| same_server(&s.config, &after.config)) else {
+                continue;
+            };
+            let changed = server_changes(&before.config, &after.config);
+            if !changed.is_empty() {
+                let name = &after.config.name;
+                self.servers_changed
+                    .push(format!("{listener}/{name}: {}", changed.join(", ")));
+            }
+        }
     }
+}
+
+/// What differs between two configurations of the same server, as `key old→new`.
+fn server_changes(before: &Server, after: &Server) -> Vec<String> {
+    let mut changed = Vec::new();
+    let mut compare = |key: &str, old: String, new: String| {
+        if old != new {
+            changed.push(format!("{key} {old}\u{2192}{new}"));
+        }
+    };
+    compare(
+        "weight",
+        before.weight.to_string(),
+        after.weight.to_string(),
+    );
+    compare(
+        "backup",
+        before.backup.to_string(),
+        after.backup.to_string(),
+    );
+    compare("check", before.check.to_string(), after.check.to_string());
+    compare(
+        "maxconn",
+        before.maxconn.to_string(),
+        after.maxconn.to_string(),
+    );
+    let proxy = |send: SendProxy| match send {
+        SendProxy::None => "none".to_owned(),
+        SendProxy::V1 => "v1".to_owned(),
+        SendProxy::V2 => "v2".to_owned(),
+    };
+    compare(
+        "send_proxy",
+        proxy(before.send_proxy),
+        proxy(after.send_proxy),
+    );
+    changed
 }
 
 /// The servers of a frontend, none for a listener that is not there.
@@ -335,10 +385,67 @@ impl fmt::Display for Changes {
         list("closed:", addrs(&self.addresses_closed));
         list("servers added:", self.servers_added.clone());
         list("servers removed:", self.servers_removed.clone());
+        list("servers changed:", self.servers_changed.clone());
         if parts.is_empty() {
-            f.write_str("no listener, address or server added or removed")
+            f.write_str("no listener, address or server added, removed or changed")
         } else {
             f.write_str(&parts.join("; "))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(weight: u32, backup: bool) -> Server {
+        Server {
+            name: "mail1".into(),
+            addr: "192.0.2.10:25".parse().unwrap(),
+            send_proxy: SendProxy::V1,
+            weight,
+            backup,
+            check: true,
+            maxconn: 0,
+        }
+    }
+
+    #[test]
+    fn a_server_change_names_each_setting_with_its_old_and_new_value() {
+        assert!(server_changes(&server(1, false), &server(1, false)).is_empty());
+        assert_eq!(
+            server_changes(&server(1, false), &server(3, true)),
+            ["weight 1\u{2192}3", "backup false\u{2192}true"]
+        );
+        let after = Server {
+            send_proxy: SendProxy::V2,
+            check: false,
+            maxconn: 50,
+            ..server(1, false)
+        };
+        assert_eq!(
+            server_changes(&server(1, false), &after),
+            [
+                "check true\u{2192}false",
+                "maxconn 0\u{2192}50",
+                "send_proxy v1\u{2192}v2"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_summary_lists_changed_servers() {
+        let changes = Changes {
+            servers_changed: vec!["mx/mail1: weight 1\u{2192}3".into()],
+            ..Changes::default()
+        };
+        assert_eq!(
+            changes.to_string(),
+            "servers changed: mx/mail1: weight 1\u{2192}3"
+        );
+        assert_eq!(
+            Changes::default().to_string(),
+            "no listener, address or server added, removed or changed"
+        );
     }
 }

@@ -326,7 +326,11 @@ fn run_daemon(
     start: Start,
 ) -> ExitCode {
     let mut config = config;
-    mxlb::logging::init(config.global.log_format);
+    // Nothing is logged yet: a log target that cannot be opened is said on stderr.
+    if let Err(error) = mxlb::logging::init(&config.global) {
+        eprintln!("mxlb: {error:#}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }

@@ -152,6 +152,8 @@ pub fn restart_only_changes(running: &Global, next: &Global) -> Vec<&'static str
         "global.upgrade_socket",
         running.upgrade_socket != next.upgrade_socket,
     );
+    // The log's writer is set up once, at start (as `log_format`).
+    check("global.log_target", running.log_target != next.log_target);
     changed
 }
 
@@ -163,6 +165,8 @@ fn keep_restart_only(running: &Config, next: &mut Config) {
         maxconn: next.global.maxconn,
         grace: next.global.grace,
         kernel_relay_after: next.global.kernel_relay_after,
+        // New sessions' idle-timeout reply has the new name (syslog's keeps the old one).
+        hostname: next.global.hostname.clone(),
         ..global.clone()
     };
     next.stats.clone_from(&running.stats);
@@ -180,6 +184,7 @@ mod tests {
             maxconn: 7,
             grace: std::time::Duration::from_secs(1),
             kernel_relay_after: 0,
+            hostname: Some("mx2.example.com".into()),
             ..Global::default()
         };
         assert!(restart_only_changes(&running, &live).is_empty());
@@ -188,6 +193,11 @@ mod tests {
             log_format: LogFormat::Json,
             max_inflight: 1 << 20,
             upgrade_socket: Some("/run/mxlb/upgrade.sock".into()),
+            log_target: crate::config::LogTarget::Syslog(crate::config::Syslog {
+                socket: "/dev/log".into(),
+                facility: crate::config::Facility::Mail,
+                format: crate::config::SyslogFormat::Rfc5424,
+            }),
             ..Global::default()
         };
         assert_eq!(
@@ -196,7 +206,8 @@ mod tests {
                 "global.relay",
                 "global.log_format",
                 "global.max_inflight",
-                "global.upgrade_socket"
+                "global.upgrade_socket",
+                "global.log_target"
             ]
         );
     }

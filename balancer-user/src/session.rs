@@ -8,15 +8,17 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::accept_proxy;
 use crate::balance::{self, Selector};
 use crate::config::{Listener, Server};
 use crate::limits::{self, Admission, Gauge, Limit, Refused};
+use crate::logging::millis;
 use crate::pool::{Pool, Reservation, ServerRuntime};
 use crate::proxy_header::{self, ProxyHeader};
-use crate::relay::{Relay, Termination};
+use crate::relay::{IdleTimeout, Relay, Termination};
+use crate::session_register::{self, OpenSession, SessionId};
 use crate::stats::ListenerStats;
 
 /// The reply a client gets when no server can take it: SMTP senders queue and retry.
@@ -125,9 +127,17 @@ impl Frontend {
         Err(NoServer::Full)
     }
 
-    /// Serves one accepted client until its relay ends.
+    /// Serves one accepted client until its relay ends. Everything logged about it, down
+    /// to the relay's errors, is in its `session` span, so every line carries its id.
     pub async fn serve(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let id = SessionId::next();
+        let span = info_span!("session", session = %id);
+        self.serve_session(client, peer, id).instrument(span).await;
+    }
+
+    async fn serve_session(self: Arc<Self>, client: TcpStream, peer: SocketAddr, id: SessionId) {
         let started = Instant::now();
+        debug!(client = %peer, listener = %self.config.name, "accepted");
         // Behind an upstream balancer, the client is who its PROXY header names: that is
         // the address balanced on, limited, logged and passed on to the server. `Local`
         // (no upstream, or the upstream's own health check) means the socket's own
@@ -181,6 +191,16 @@ impl Frontend {
             };
         let session = server.open_session(reservation);
         let server = &server.config;
+        let _registered = session_register::register(
+            id,
+            OpenSession {
+                client: client_addr,
+                listener: self.config.name.clone(),
+                server: server.name.clone(),
+                server_addr: server.addr,
+                span: tracing::Span::current(),
+            },
+        );
         debug!(
             client = %client_addr,
             listener = %self.config.name,
@@ -196,7 +216,10 @@ impl Frontend {
                     client,
                     upstream,
                     &session.live,
-                    self.config.timeout_idle,
+                    IdleTimeout {
+                        after: self.config.timeout_idle,
+                        hostname: &self.config.hostname,
+                    },
                 ))
                 .await
             }
@@ -217,9 +240,9 @@ impl Frontend {
             listener = %self.config.name,
             server = %server.name,
             server_addr = %server.addr,
-            relay = %self.relay.name(),
-            connect_ms = connect_time.as_secs_f64() * 1e3,
-            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            relay = %transfer.path(),
+            connect_ms = millis(connect_time),
+            duration_ms = millis(started.elapsed()),
             bytes_in = transfer.bytes_in,
             bytes_out = transfer.bytes_out,
             kernel_bytes = transfer.kernel,

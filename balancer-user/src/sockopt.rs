@@ -124,6 +124,11 @@ pub fn unread(socket: &impl AsFd) -> io::Result<u64> {
     ioctl_int(socket, libc::FIONREAD)
 }
 
+/// Bytes in the send queue, not yet acknowledged by the peer (`SIOCOUTQ`).
+pub fn unacknowledged(socket: &impl AsFd) -> io::Result<u64> {
+    ioctl_int(socket, libc::TIOCOUTQ)
+}
+
 /// Whether the next byte to read is the urgent mark (`SIOCATMARK`): a read stops short
 /// there, in the middle of a segment.
 pub fn at_urgent_mark(socket: &impl AsFd) -> io::Result<bool> {

@@ -191,6 +191,15 @@ fn remove_stale_pins() {
     }
 }
 
+/// What tells that a daemon just started is ready.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ready {
+    /// Its "ready" line on stderr.
+    LogLine,
+    /// Only that it accepts on its listener (it logs elsewhere).
+    Listening,
+}
+
 /// A running daemon.
 pub struct Mxlb {
     child: Child,
@@ -213,6 +222,26 @@ impl Mxlb {
         pin_path: &Path,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Mxlb> {
+        let (command, dir) = Self::run_command(config_text, env)?;
+        Self::spawn(command, dir, listen, pin_path)
+    }
+
+    /// [`Mxlb::start`] for a configuration that logs elsewhere than stderr (`log_target =
+    /// "syslog"`): there is no "ready" line to wait for, so it waits for the port.
+    pub fn start_logging_elsewhere(
+        config_text: &str,
+        listen: SocketAddr,
+        pin_path: &Path,
+    ) -> anyhow::Result<Mxlb> {
+        let (command, dir) = Self::run_command(config_text, &[])?;
+        Self::spawn_until(command, dir, listen, pin_path, Ready::Listening)
+    }
+
+    /// `mxlb run --config <dir>/mxlb.toml`, with `config_text` written there.
+    fn run_command(
+        config_text: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(Command, tempfile::TempDir)> {
         let dir = tempfile::tempdir()?;
         // Readable by a daemon that dropped root (`[global] user`): it reads the file again
         // at each reload.
@@ -225,17 +254,27 @@ impl Mxlb {
             .arg("--config")
             .arg(&config_path)
             .envs(env.iter().copied());
-        Self::spawn(command, dir, listen, pin_path)
+        Ok((command, dir))
     }
 
     /// Starts the daemon with `command`, which must become `mxlb run --config
     /// <dir>/mxlb.toml` (or `mxlb upgrade`) in the same process (a wrapper such as `setpriv` that execs it), and
     /// waits until it is ready and accepts on `listen`. `dir` lives as long as the daemon.
     pub fn spawn(
+        command: Command,
+        dir: tempfile::TempDir,
+        listen: SocketAddr,
+        pin_path: &Path,
+    ) -> anyhow::Result<Mxlb> {
+        Self::spawn_until(command, dir, listen, pin_path, Ready::LogLine)
+    }
+
+    fn spawn_until(
         mut command: Command,
         dir: tempfile::TempDir,
         listen: SocketAddr,
         pin_path: &Path,
+        ready: Ready,
     ) -> anyhow::Result<Mxlb> {
         // The caller's RUST_LOG (fault injection may set one) wins over the tests' default.
         if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
@@ -270,7 +309,7 @@ impl Mxlb {
         let deadline = Instant::now() + Duration::from_secs(20);
         // "ready" comes after every listener, the stats server and the signal handlers: the
         // descriptor count the tests take as "idle" is final by then.
-        while !mxlb.log().lines().any(is_ready_line) {
+        while ready == Ready::LogLine && !mxlb.log().lines().any(is_ready_line) {
             if let Some(status) = mxlb.child.try_wait()? {
                 bail!("mxlb exited with {status} during start:\n{}", mxlb.log());
             }
@@ -558,13 +597,15 @@ pub struct Finished {
     /// The whole line, for failure messages.
     pub line: String,
     pub client: String,
-    /// `kernel` or `userspace`: the daemon's relay, not where the bytes went.
+    /// Where the bytes went: `user`, `kernel` or `user+kernel` (docs/operations.md).
     pub relay: String,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Bytes the eBPF verdict redirected, both directions together (from `mxlb_traffic`).
     pub kernel_bytes: u64,
     pub ended: String,
+    /// The connection's id, which every log line of it carries.
+    pub session: String,
 }
 
 impl Finished {
@@ -573,6 +614,9 @@ impl Finished {
             line.contains("connection finished"),
             "not a `connection finished` line: {line}"
         );
+        for key in ["connect_ms", "duration_ms"] {
+            milliseconds(line, key)?;
+        }
         Ok(Finished {
             line: line.to_owned(),
             client: log_text(line, "client")?.to_owned(),
@@ -581,12 +625,26 @@ impl Finished {
             bytes_out: log_field(line, "bytes_out")?,
             kernel_bytes: log_field(line, "kernel_bytes")?,
             ended: log_text(line, "ended")?.to_owned(),
+            session: log_text(line, "session")?.to_owned(),
         })
     }
 
     /// Every byte relayed, both directions.
     pub fn total(&self) -> u64 {
         self.bytes_in + self.bytes_out
+    }
+
+    /// What `relay=` must say for this line's byte counters, as docs/operations.md
+    /// defines it: `user` when the kernel carried nothing, `kernel` when it carried every
+    /// byte, `user+kernel` otherwise.
+    pub fn path_by_counters(&self) -> &'static str {
+        if self.kernel_bytes == 0 {
+            "user"
+        } else if self.kernel_bytes == self.total() {
+            "kernel"
+        } else {
+            "user+kernel"
+        }
     }
 
     /// The part of [`Finished::total`] the kernel carried (0 when nothing moved).
@@ -605,6 +663,30 @@ pub fn log_text<'a>(line: &'a str, key: &str) -> anyhow::Result<&'a str> {
     line.split_whitespace()
         .find_map(|field| field.strip_prefix(&prefix))
         .with_context(|| format!("no {key} in {line}"))
+}
+
+/// A `key=value` duration in milliseconds from a log line: a number with at most three
+/// decimals (the daemon logs to the microsecond, never a float's rounding noise).
+pub fn milliseconds(line: &str, key: &str) -> anyhow::Result<f64> {
+    let text = log_text(line, key)?;
+    let decimals = text
+        .split_once('.')
+        .map_or(0, |(_, fraction)| fraction.len());
+    anyhow::ensure!(
+        decimals <= 3,
+        "{key}={text} has more than 3 decimals in {line}"
+    );
+    text.parse()
+        .with_context(|| format!("{key}={text} is not a number in {line}"))
+}
+
+/// The log lines of one connection: those that carry its `session=` id.
+pub fn session_lines(log: &str, session: &str) -> Vec<String> {
+    let field = format!("session={session}");
+    log.lines()
+        .filter(|line| line.split_whitespace().any(|word| word == field))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A `key=value` number from a log line.

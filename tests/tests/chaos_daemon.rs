@@ -26,7 +26,10 @@ use mxlb_tests::chaos::{
     Message, PINS, Seen, SmtpClient, delivered, finish_data, kernel_object_exists, pinned_id,
     pinned_key_counts, pins_under, process_alive, read_all_seen, wait_until_clean, write_paced,
 };
-use mxlb_tests::mxlb::{Mxlb, RelayKind, ServerEntry, config, config_with_listener_keys, pin_path};
+use mxlb_tests::mxlb::{
+    Mxlb, RelayKind, ServerEntry, config, config_with_listener_keys, log_text, pin_path,
+    session_lines,
+};
 use mxlb_tests::postfix::{PostfixInstance, SmtpdService};
 use mxlb_tests::swaks::Swaks;
 use mxlb_tests::{free_addr, is_listening, wait_until};
@@ -209,6 +212,7 @@ fn sigterm_finishes_within_grace_and_cuts_the_rest(relay: RelayKind) -> Result<(
     let (postfix, entry) = postfix_backend()?;
     let listen = free_addr();
     let pins = pin_path(&format!("chaos-sigterm-{relay:?}"));
+    let (entry_name, entry_addr) = (entry.name, entry.addr);
     let text = config(relay, &pins, listen, &[entry]).replace(
         "grace = \"2s\"",
         &format!("grace = \"{}s\"", GRACE.as_secs()),
@@ -225,6 +229,7 @@ fn sigterm_finishes_within_grace_and_cuts_the_rest(relay: RelayKind) -> Result<(
     let mut first = SmtpClient::connect_from(listen, finishing_ip, Duration::from_secs(30))?;
     first.start_data("user@example.test")?;
     let mut second = SmtpClient::connect_from(listen, stalled_ip, Duration::from_secs(30))?;
+    let stalled_client = second.local_addr()?;
     second.start_data("user@example.test")?;
     second.stream.write_all(&stalled.wire[..100_000])?;
 
@@ -299,6 +304,24 @@ fn sigterm_finishes_within_grace_and_cuts_the_rest(relay: RelayKind) -> Result<(
         grace_over.len() == 1 && grace_over[0].contains("sessions=1"),
         "{}",
         mxlb.log()
+    );
+    // A line for the connection cut, naming its client and server, in its session.
+    let cut = mxlb.log_lines("grace period over: connection cut");
+    let server_field = format!("server={} server_addr={}", entry_name, entry_addr);
+    ensure!(
+        cut.len() == 1
+            && cut[0].contains(&format!("client={stalled_client} "))
+            && cut[0].contains(&server_field),
+        "{}",
+        mxlb.log()
+    );
+    let session = log_text(&cut[0], "session")?;
+    let accepted = session_lines(&mxlb.log(), session);
+    ensure!(
+        accepted
+            .iter()
+            .any(|line| line.contains(&format!("accepted client={stalled_client} "))),
+        "the cut line's session is the stalled client's: {accepted:#?}"
     );
     let status = mxlb.stop()?;
     ensure!(status.success(), "mxlb exited with {status}");

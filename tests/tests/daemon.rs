@@ -306,19 +306,25 @@ fn run_demo(args: &[&str], listen: SocketAddr, stats: SocketAddr) -> Result<Vec<
     Ok(result)
 }
 
-/// `log_format = "json"`: one JSON object per line, the connection line with every field
-/// an operator filters on.
-#[test]
-fn json_logs_carry_the_connection_fields() -> Result<()> {
+/// A backend that reads each connection's PROXY header, sends `banner` and closes.
+fn greeting_backend(banner: &'static [u8]) -> Result<SocketAddr> {
     let backend = TcpListener::bind("127.0.0.1:0")?;
-    let backend_addr = backend.local_addr()?;
+    let addr = backend.local_addr()?;
     std::thread::spawn(move || {
         for stream in backend.incoming().flatten() {
             let mut stream = stream;
             let _ = mxlb_tests::backend::read_proxy_header(&mut stream);
-            let _ = std::io::Write::write_all(&mut stream, b"220 json\r\n");
+            let _ = std::io::Write::write_all(&mut stream, banner);
         }
     });
+    Ok(addr)
+}
+
+/// `log_format = "json"`: one JSON object per line, the connection line with every field
+/// an operator filters on.
+#[test]
+fn json_logs_carry_the_connection_fields() -> Result<()> {
+    let backend_addr = greeting_backend(b"220 json\r\n")?;
     let listen = free_addr();
     let pins = pin_path("json");
     let text = config(
@@ -355,6 +361,11 @@ fn json_logs_carry_the_connection_fields() -> Result<()> {
         "{entry}"
     );
     ensure!(fields["ended"] == "closed", "{entry}");
+    // The connection's id is a field of its span.
+    ensure!(
+        entry["span"]["name"] == "session" && entry["span"]["session"].is_string(),
+        "{entry}"
+    );
     ensure!(
         fields["connect_ms"].is_number() && fields["duration_ms"].is_number(),
         "{entry}"
@@ -364,4 +375,195 @@ fn json_logs_carry_the_connection_fields() -> Result<()> {
             .with_context(|| format!("not JSON: {line}"))?;
     }
     Ok(())
+}
+
+/// A user-space configuration with two servers, unchecked: `refusing`, which refuses
+/// every connect (of two clients balanced round robin, one is sent there first, a warning,
+/// and redispatched), and `mail1`, a [`greeting_backend`] with `banner`. Returns the
+/// refusing server's address too.
+fn refusing_then_greeting(
+    pins: &Path,
+    listen: SocketAddr,
+    banner: &'static [u8],
+) -> Result<(String, SocketAddr)> {
+    let backend_addr = greeting_backend(banner)?;
+    let refusing = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let text = mxlb_tests::mxlb::config_with_listener_keys(
+        RelayKind::UserSpace,
+        pins,
+        listen,
+        &[
+            ServerEntry {
+                name: "refusing",
+                addr: refusing,
+                send_proxy: "v1",
+            },
+            ServerEntry {
+                name: "mail1",
+                addr: backend_addr,
+                send_proxy: "v1",
+            },
+        ],
+        "[listen.check]\ntype = \"none\"\n",
+    );
+    Ok((text, refusing))
+}
+
+/// Every log line of one connection carries its `session=` id, from its acceptance to its
+/// end (a failed connect on the way too), and no other connection's; `connect_ms` and
+/// `duration_ms` are to the microsecond.
+#[test]
+fn every_line_of_a_connection_carries_its_session_id() -> Result<()> {
+    let listen = free_addr();
+    let pins = pin_path("session-id");
+    let (text, refusing) = refusing_then_greeting(&pins, listen, b"220 session\r\n")?;
+    let mxlb = Mxlb::start(&text, listen, &pins)?;
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut client = std::net::TcpStream::connect(listen)?;
+        let mut banner = Vec::new();
+        std::io::Read::read_to_end(&mut client, &mut banner)?;
+        ensure!(banner == b"220 session\r\n", "{banner:?}");
+        client.shutdown(std::net::Shutdown::Write)?;
+        clients.push(client);
+    }
+    let mut sessions = Vec::new();
+    for client in &clients {
+        let addr = client.local_addr()?;
+        let finished = mxlb.finished_for(addr, Duration::from_secs(10))?;
+        let lines = mxlb_tests::mxlb::session_lines(&mxlb.log(), &finished.session);
+        let has = |needle: &str| lines.iter().any(|line| line.contains(needle));
+        ensure!(
+            has(&format!("accepted client={addr}"))
+                && has("connected to")
+                && has("connection finished"),
+            "session {}: {lines:#?}\nlog:\n{}",
+            finished.session,
+            mxlb.log()
+        );
+        ensure!(
+            lines
+                .iter()
+                .all(|line| !line.contains("client=") || line.contains(&format!("client={addr}"))),
+            "another client's line in session {}: {lines:#?}",
+            finished.session
+        );
+        sessions.push(finished.session);
+    }
+    ensure!(sessions[0] != sessions[1], "{sessions:?}");
+    let failures = mxlb.log_lines(&format!("connect to {refusing} failed"));
+    ensure!(
+        !failures.is_empty()
+            && failures.iter().all(|line| sessions
+                .iter()
+                .any(|s| line.ends_with(&format!("session={s}")))),
+        "{failures:#?}"
+    );
+    Ok(())
+}
+
+/// `log_target = "syslog"`: every line goes to the syslog socket as one datagram, with the
+/// facility and the line's severity in PRI and the header of the chosen RFC; nothing goes
+/// to stderr. Read from a socket the test binds where `syslog_socket` points.
+#[test]
+fn syslog_gets_every_line_with_its_facility_severity_and_header() -> Result<()> {
+    // (format, facility, its code)
+    for (format, facility, code) in [("rfc5424", "mail", 2u32), ("rfc3164", "local3", 19)] {
+        let dir = tempfile::tempdir()?;
+        let socket_path = dir.path().join("log");
+        let syslog = std::os::unix::net::UnixDatagram::bind(&socket_path)?;
+        syslog.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let listen = free_addr();
+        let pins = pin_path(&format!("syslog-{format}"));
+        let (text, _) = refusing_then_greeting(&pins, listen, b"220 syslog\r\n")?;
+        let text = mxlb_tests::mxlb::with_global_keys(
+            &text,
+            &format!(
+                "log_target = \"syslog\"\nsyslog_socket = \"{}\"\nsyslog_facility = \
+                 \"{facility}\"\nsyslog_format = \"{format}\"\nhostname = \"mx.syslog.test\"\n",
+                socket_path.display()
+            ),
+        );
+        let mxlb = Mxlb::start_logging_elsewhere(&text, listen, &pins)?;
+        for _ in 0..2 {
+            let mut client = std::net::TcpStream::connect(listen)?;
+            let mut banner = Vec::new();
+            std::io::Read::read_to_end(&mut client, &mut banner)?;
+            client.shutdown(std::net::Shutdown::Write)?;
+        }
+        let pid = mxlb.pid();
+        let mut wanted = vec![
+            ("ready pid=", 6),
+            ("connection finished client=", 6),
+            ("connection finished client=", 6),
+            ("failed client=", 4),
+        ];
+        let mut buffer = vec![0u8; 65536];
+        while !wanted.is_empty() {
+            let n = syslog
+                .recv(&mut buffer)
+                .with_context(|| format!("{format}: still waiting for {wanted:?}"))?;
+            let datagram = String::from_utf8_lossy(&buffer[..n]).into_owned();
+            let (pri, message) = parse_syslog(&datagram, format, "mx.syslog.test", pid)
+                .with_context(|| format!("{format}: {datagram:?}"))?;
+            ensure!(
+                ["ERROR ", "WARN ", "INFO ", "DEBUG "]
+                    .iter()
+                    .any(|level| message.starts_with(level)),
+                "{format}: the message is the log line, level first: {datagram:?}"
+            );
+            if let Some(at) = wanted.iter().position(|(text, _)| message.contains(text)) {
+                let severity = wanted.remove(at).1;
+                ensure!(
+                    pri == code * 8 + severity,
+                    "{format}: PRI {pri}: {datagram:?}"
+                );
+            }
+        }
+        ensure!(
+            mxlb.log().trim().is_empty(),
+            "{format}: stderr: {}",
+            mxlb.log()
+        );
+    }
+    Ok(())
+}
+
+/// PRI and message of one syslog datagram, checking its header against RFC 5424 (6) or
+/// RFC 3164 (4.1): `<PRI>1 TIMESTAMP HOSTNAME mxlb PID - - MSG` or `<PRI>Mmm dd hh:mm:ss
+/// HOSTNAME mxlb[PID]: MSG`.
+fn parse_syslog(datagram: &str, format: &str, hostname: &str, pid: u32) -> Result<(u32, String)> {
+    let rest = datagram.strip_prefix('<').context("no <PRI>")?;
+    let (pri, rest) = rest.split_once('>').context("no <PRI>")?;
+    let pri: u32 = pri.parse()?;
+    let message = if format == "rfc5424" {
+        let rest = rest.strip_prefix("1 ").context("no VERSION 1")?;
+        let (stamp, rest) = rest.split_once(' ').context("no TIMESTAMP")?;
+        // 2026-12-02T05:03:09.250001Z
+        let shape: String = stamp
+            .chars()
+            .map(|c| if c.is_ascii_digit() { 'd' } else { c })
+            .collect();
+        ensure!(shape == "dddd-dd-ddTdd:dd:dd.ddddddZ", "TIMESTAMP {stamp}");
+        rest.strip_prefix(&format!("{hostname} mxlb {pid} - - "))
+            .context("HOSTNAME APP-NAME PROCID MSGID STRUCTURED-DATA")?
+    } else {
+        let (stamp, rest) = rest.split_at_checked(15).context("no TIMESTAMP")?;
+        let months = "JanFebMarAprMayJunJulAugSepOctNovDec";
+        ensure!(
+            months.contains(&stamp[..3])
+                && stamp[3..6]
+                    .trim()
+                    .parse::<u32>()
+                    .is_ok_and(|day| (1..=31).contains(&day))
+                && stamp.as_bytes()[6] == b' '
+                && stamp[7..]
+                    .split(':')
+                    .all(|part| part.len() == 2 && part.parse::<u32>().is_ok()),
+            "TIMESTAMP {stamp:?}"
+        );
+        rest.strip_prefix(&format!(" {hostname} mxlb[{pid}]: "))
+            .context("HOSTNAME TAG[PID]")?
+    };
+    Ok((pri, message.to_owned()))
 }

@@ -30,7 +30,7 @@
 //!
 //! Also checked per message: the delivering backend matches the banner swaks saw, Postfix
 //! recorded the true client address (from the PROXY header), and mxlb's `connection
-//! finished` line: `relay=` as configured, `kernel_bytes > 0` from 1 MB up with the kernel
+//! finished` line: `relay=` true to its byte counters (`user` in user space), `kernel_bytes > 0` from 1 MB up with the kernel
 //! relay (the kernel carried part of the stream), `kernel_bytes = 0` in user space. The
 //! share `kernel_bytes / bytes_in` of the 64 MiB messages is printed. After each run:
 //! `/api/stats` shows no `integrity_errors` (when the daemon has that field), the daemon
@@ -482,15 +482,16 @@ fn send_and_check_inner(
     let bytes_in = log_field(&line, "bytes_in")?;
     let bytes_out = log_field(&line, "bytes_out")?;
     checked.bytes = Some((kernel, bytes_in, bytes_out));
-    let relay_field = if message.variant.relay.is_kernel() {
-        "relay=kernel "
+    let finished = mxlb_tests::mxlb::Finished::parse(&line)?;
+    let relay_ok = if message.variant.relay.is_kernel() {
+        finished.relay == finished.path_by_counters()
     } else {
-        "relay=userspace "
+        finished.relay == "user"
     };
     // smtp-source closes with SO_LINGER 0, a reset, after its QUIT was answered.
     let ended_ok = line.contains("ended=closed")
         || (message.client == Client::SmtpSource && line.contains("ended=client-reset"));
-    if !line.contains(relay_field) || !ended_ok {
+    if !relay_ok || !ended_ok {
         checked
             .problems
             .push(format!("unexpected mxlb log line: {line}"));

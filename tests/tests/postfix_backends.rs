@@ -52,11 +52,12 @@ fn deliver_through_mxlb(relay: RelayKind, clients: std::ops::RangeInclusive<u8>)
             delivery.client,
             delivery.backend
         );
+        let finished = mxlb_tests::mxlb::Finished::parse(line)?;
         let relay_field = match relay {
-            RelayKind::Kernel | RelayKind::Adaptive => "relay=kernel",
-            RelayKind::UserSpace => "relay=userspace",
+            RelayKind::Kernel | RelayKind::Adaptive => finished.path_by_counters(),
+            RelayKind::UserSpace => "user",
         };
-        ensure!(line.contains(relay_field), "{line}");
+        ensure!(finished.relay == relay_field, "{line}");
         ensure!(line.contains("ended=closed"), "{line}");
     }
     mxlb.wait_until_clean(idle_fds, relay.is_kernel())?;

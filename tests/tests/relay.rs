@@ -13,7 +13,9 @@ use anyhow::{Context, ensure};
 use mxlb_tests::backend::{
     Backend, Digest256, ProxyInfo, digest_until_eof, pattern_digest, read_line, reset, send_pattern,
 };
-use mxlb_tests::mxlb::{Finished, Mxlb, RelayKind, ServerEntry, config, log_field, pin_path};
+use mxlb_tests::mxlb::{
+    Finished, Mxlb, RelayKind, ServerEntry, log_field, log_text, pin_path, with_global_keys,
+};
 
 const MIB: u64 = 1024 * 1024;
 const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,16 +52,7 @@ fn start_mxlb_with(
 ) -> anyhow::Result<(Mxlb, usize)> {
     let listen = mxlb_tests::free_addr();
     let pins = pin_path(&format!("{test}-{relay:?}"));
-    let text = config(
-        relay,
-        &pins,
-        listen,
-        &[ServerEntry {
-            name: "sink",
-            addr: backend,
-            send_proxy,
-        }],
-    );
+    let text = sink_config(relay, &pins, listen, backend, send_proxy, "");
     let text = text.replacen("[global]\n", &format!("[global]\n{global_keys}"), 1);
     let mxlb = Mxlb::start_with_env(&text, listen, &pins, env)?;
     let expected = match relay {
@@ -73,6 +66,28 @@ fn start_mxlb_with(
     );
     let fds = mxlb.fd_count()?;
     Ok((mxlb, fds))
+}
+
+/// A configuration with one server, `sink`, and `listener_keys` for the listener.
+fn sink_config(
+    relay: RelayKind,
+    pins: &std::path::Path,
+    listen: SocketAddr,
+    backend: SocketAddr,
+    send_proxy: &str,
+    listener_keys: &str,
+) -> String {
+    mxlb_tests::mxlb::config_with_listener_keys(
+        relay,
+        pins,
+        listen,
+        &[ServerEntry {
+            name: "sink",
+            addr: backend,
+            send_proxy,
+        }],
+        listener_keys,
+    )
 }
 
 /// The daemon's log line for the connection from `client`.
@@ -97,12 +112,14 @@ fn assert_short_connection(relay: RelayKind, finished: &Finished) -> anyhow::Res
     );
     match relay {
         RelayKind::Kernel => ensure!(
-            finished.kernel_bytes > 0 && finished.kernel_bytes == finished.total(),
+            finished.kernel_bytes > 0
+                && finished.kernel_bytes == finished.total()
+                && finished.relay == "kernel",
             "the kernel carried every byte: {}",
             finished.line
         ),
         RelayKind::Adaptive | RelayKind::UserSpace => ensure!(
-            finished.kernel_bytes == 0,
+            finished.kernel_bytes == 0 && finished.relay == "user",
             "relayed in user space: {}",
             finished.line
         ),
@@ -190,6 +207,14 @@ fn large_message_arrives_intact(relay: RelayKind) -> anyhow::Result<()> {
         share * 100.0,
         kernel_share * 100.0
     );
+    // Paired at once, unbounded: the kernel carried every byte. Adaptive: the banner and
+    // the first 32 KiB went through the daemon.
+    let path = match relay {
+        RelayKind::Kernel => "kernel",
+        RelayKind::Adaptive => "user+kernel",
+        RelayKind::UserSpace => "user",
+    };
+    ensure!(log_text(&line, "relay")? == path, "{line}");
     if relay.is_kernel() {
         // The bytes did not pass through the daemon: the kernel's own counters say so, and
         // the daemon's CPU stays a small fraction of the transfer.
@@ -539,7 +564,31 @@ impl Write for Paced<'_> {
     }
 }
 
-/// A client that never sends anything after the banner is closed at `timeout_idle`.
+/// mxlb in front of `backend` with `timeout_idle = "1s"` and `hostname = "mx.test.example"`.
+fn start_with_idle_timeout(
+    test: &str,
+    relay: RelayKind,
+    backend: SocketAddr,
+) -> anyhow::Result<Mxlb> {
+    let listen = mxlb_tests::free_addr();
+    let pins = pin_path(test);
+    let text = sink_config(
+        relay,
+        &pins,
+        listen,
+        backend,
+        "v1",
+        "timeout_idle = \"1s\"\n",
+    );
+    let text = with_global_keys(&text, "hostname = \"mx.test.example\"\n");
+    Mxlb::start(&text, listen, &pins)
+}
+
+/// A client that never sends anything after the banner is closed at `timeout_idle`. Where
+/// the daemon relayed the banner itself (user space, and the adaptive relay before any
+/// hand-over), it knows the client waits at a command boundary and tells it
+/// `421 4.4.2 <hostname> Error: timeout exceeded` first, as Postfix does; where the kernel
+/// relayed it, the daemon knows nothing of the dialogue and says nothing.
 fn silent_client_is_closed_at_the_idle_timeout(relay: RelayKind) -> anyhow::Result<()> {
     // The server's side is closed at the idle timeout too, with a FIN (mxlb has read the
     // banner, nothing is left unread): an error here (a reset, a read timeout) fails the
@@ -553,29 +602,24 @@ fn silent_client_is_closed_at_the_idle_timeout(relay: RelayKind) -> anyhow::Resu
             .context("the server's side ends with an EOF")?;
         Ok(sink.len())
     })?;
-    let listen = mxlb_tests::free_addr();
-    let pins = pin_path(&format!("idle-{relay:?}"));
-    let text = mxlb_tests::mxlb::config_with_listener_keys(
-        relay,
-        &pins,
-        listen,
-        &[ServerEntry {
-            name: "sink",
-            addr: backend.addr,
-            send_proxy: "v1",
-        }],
-        "timeout_idle = \"1s\"\n",
-    );
-    let mxlb = Mxlb::start(&text, listen, &pins)?;
+    let mxlb = start_with_idle_timeout(&format!("idle-{relay:?}"), relay, backend.addr)?;
     let idle_fds = mxlb.fd_count()?;
-    let mut client = TcpStream::connect(listen)?;
+    let mut client = TcpStream::connect(mxlb.listen)?;
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     assert_eq!(read_line(&mut client)?, "220 say something\r\n");
     let mut rest = Vec::new();
     let ended = client.read_to_end(&mut rest);
+    let told: &[u8] = match relay {
+        RelayKind::Kernel => b"",
+        RelayKind::Adaptive | RelayKind::UserSpace => {
+            b"421 4.4.2 mx.test.example Error: timeout exceeded\r\n"
+        }
+    };
     ensure!(
-        rest.is_empty() && !matches!(&ended, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-        "the daemon closed the idle connection: {ended:?} {rest:?}"
+        rest == told && ended.is_ok(),
+        "the daemon closed the idle connection after {:?}: {ended:?} {:?}",
+        String::from_utf8_lossy(told),
+        String::from_utf8_lossy(&rest)
     );
     let received: usize = backend.next_report(REPORT_TIMEOUT)?;
     assert_eq!(received, 0);
@@ -594,6 +638,78 @@ fn silent_client_is_closed_at_the_idle_timeout(relay: RelayKind) -> anyhow::Resu
     assert_short_connection(relay, &finished)?;
     drop(client);
     mxlb.wait_until_clean(idle_fds, relay.is_kernel())
+}
+
+#[test]
+fn idle_client_is_not_told_421_inside_a_line_a_reply_or_data_in_user_space() -> anyhow::Result<()> {
+    idle_client_is_not_told_421_inside_a_line_a_reply_or_data(RelayKind::UserSpace)
+}
+
+#[test]
+fn idle_client_is_not_told_421_inside_a_line_a_reply_or_data_before_the_hand_over()
+-> anyhow::Result<()> {
+    idle_client_is_not_told_421_inside_a_line_a_reply_or_data(RelayKind::Adaptive)
+}
+
+/// Where the idle timeout's `421` could land inside something else, the client is only
+/// closed on: a client idle in the middle of its command line, a server idle in the middle
+/// of a multi-line reply, a client idle inside DATA (complete lines, no `.` yet).
+fn idle_client_is_not_told_421_inside_a_line_a_reply_or_data(
+    relay: RelayKind,
+) -> anyhow::Result<()> {
+    // The connections come one after the other; each gets its own script.
+    let connections = std::sync::atomic::AtomicUsize::new(0);
+    let backend = Backend::spawn(move |mut stream, _| {
+        match connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            0 => stream.write_all(b"220 mx\r\n")?,
+            1 => stream.write_all(b"220-mx says more\r\n")?,
+            _ => {
+                stream.write_all(b"220 mx\r\n")?;
+                ensure!(read_line(&mut stream)? == "DATA\r\n");
+                stream.write_all(b"354 go ahead\r\n")?;
+            }
+        }
+        let mut sink = Vec::new();
+        stream.read_to_end(&mut sink)?;
+        Ok(sink.len())
+    })?;
+    let mxlb = start_with_idle_timeout(&format!("idle-no-421-{relay:?}"), relay, backend.addr)?;
+    let listen = mxlb.listen;
+    let cases: [(&str, &str, &[&[u8]]); 3] = [
+        ("220 mx\r\n", "", &[b"EHLO exa"]),
+        ("220-mx says more\r\n", "", &[]),
+        (
+            "220 mx\r\n",
+            "354 go ahead\r\n",
+            &[b"DATA\r\n", b"Subject: idle\r\n\r\nfirst line\r\n"],
+        ),
+    ];
+    for (banner, reply, sent) in cases {
+        let mut client = TcpStream::connect(listen)?;
+        client.set_read_timeout(Some(Duration::from_secs(30)))?;
+        ensure!(read_line(&mut client)? == banner);
+        for (i, bytes) in sent.iter().enumerate() {
+            client.write_all(bytes)?;
+            if i == 0 && !reply.is_empty() {
+                ensure!(read_line(&mut client)? == reply);
+            }
+        }
+        let mut rest = Vec::new();
+        let ended = client.read_to_end(&mut rest);
+        ensure!(
+            rest.is_empty() && ended.is_ok(),
+            "after {banner:?}: closed without a reply, got {ended:?} {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        let finished = finished(&mxlb, client.local_addr()?)?;
+        ensure!(
+            finished.ended == "idle-timeout" && finished.relay == "user",
+            "{}",
+            finished.line
+        );
+        backend.next_report(REPORT_TIMEOUT)?;
+    }
+    Ok(())
 }
 
 /// A server that never answers the SYN (its accept queue is full): the connect gives up at
@@ -676,11 +792,11 @@ fn adaptive_relay_pairs_streams_not_conversations() -> anyhow::Result<()> {
     chatty.shutdown(Shutdown::Write)?;
     let received: u64 = backend.next_report(REPORT_TIMEOUT)?;
     assert_eq!(received, (ROUND_TRIPS * 1024) as u64);
-    let line = finished_line(&mxlb, chatty.local_addr()?)?;
-    assert_eq!(
-        log_field(&line, "kernel_bytes")?,
-        0,
-        "a conversation stays in user space: {line}"
+    let chatted = finished(&mxlb, chatty.local_addr()?)?;
+    ensure!(
+        chatted.kernel_bytes == 0 && chatted.relay == "user",
+        "a conversation stays in user space: {}",
+        chatted.line
     );
 
     let mut bulky = TcpStream::connect(mxlb.listen)?;
@@ -692,10 +808,12 @@ fn adaptive_relay_pairs_streams_not_conversations() -> anyhow::Result<()> {
     bulky.shutdown(Shutdown::Write)?;
     let received: u64 = backend.next_report(REPORT_TIMEOUT)?;
     assert_eq!(received, MIB);
-    let line = finished_line(&mxlb, bulky.local_addr()?)?;
+    let streamed = finished(&mxlb, bulky.local_addr()?)?;
+    // The banner and the first full reads went through the daemon, the rest the kernel.
     ensure!(
-        log_field(&line, "kernel_bytes")? > MIB / 2,
-        "a stream moves to the kernel: {line}"
+        streamed.kernel_bytes > MIB / 2 && streamed.relay == "user+kernel",
+        "a stream moves to the kernel: {}",
+        streamed.line
     );
     drop((chatty, bulky));
     mxlb.wait_until_clean(idle_fds, true)

@@ -4,6 +4,7 @@
 //! the two sockets inside the kernel. The user-space relay exists for machines where eBPF
 //! cannot load; `relay = "auto"` picks the kernel when it loads and says why when it cannot.
 
+mod dialogue;
 mod kernel;
 pub mod ledger;
 mod sockmap;
@@ -13,8 +14,8 @@ mod watch;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -23,6 +24,7 @@ pub use sockmap::{EBPF_LOG_TARGET, KernelRelay};
 
 use crate::config::RelayMode;
 use crate::sockopt;
+use dialogue::Dialogue;
 use ledger::{AfterReset, Ledger, Moment, Resets};
 
 /// How a relayed connection ended, in the spirit of HAProxy's termination states.
@@ -68,7 +70,42 @@ pub struct Transfer {
     pub ended: Termination,
 }
 
+/// Which way a connection's bytes went, by its byte counters: the `relay=` field of the
+/// `connection finished` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayPath {
+    /// The kernel carried no byte: the daemon relayed every one (or none moved).
+    User,
+    /// The kernel carried every byte after the PROXY header (none went through the daemon).
+    Kernel,
+    /// Some of each: bytes relayed before the pairing, held bytes the daemon passed on
+    /// for a slow peer, or a client socket the kernel refused.
+    UserAndKernel,
+}
+
+impl fmt::Display for RelayPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RelayPath::User => "user",
+            RelayPath::Kernel => "kernel",
+            RelayPath::UserAndKernel => "user+kernel",
+        })
+    }
+}
+
 impl Transfer {
+    /// Which way the bytes went: `kernel` counts the bytes the verdict redirected, both
+    /// directions; `bytes_in + bytes_out` counts every byte relayed, by either path.
+    pub fn path(&self) -> RelayPath {
+        if self.kernel == 0 {
+            RelayPath::User
+        } else if self.kernel >= self.bytes_in + self.bytes_out {
+            RelayPath::Kernel
+        } else {
+            RelayPath::UserAndKernel
+        }
+    }
+
     /// A connection that ended before anything was relayed.
     pub fn nothing(ended: Termination) -> Transfer {
         Transfer {
@@ -95,6 +132,9 @@ pub struct LiveTraffic {
     /// Cookies of the client and server sockets while paired in the kernel; 0 otherwise.
     client_cookie: AtomicU64,
     server_cookie: AtomicU64,
+    /// What the bytes the daemon relayed say of the SMTP dialogue (for the idle timeout's
+    /// `421`).
+    dialogue: Mutex<Dialogue>,
 }
 
 impl LiveTraffic {
@@ -104,6 +144,22 @@ impl LiveTraffic {
 
     pub(crate) fn add_daemon_out(&self, bytes: u64) {
         self.daemon_out.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes the user-space relay wrote to the server: counted, and read for the dialogue.
+    fn client_said(&self, bytes: &[u8]) {
+        self.add_daemon_in(bytes.len() as u64);
+        self.lock_dialogue().client_said(bytes);
+    }
+
+    /// Bytes the user-space relay wrote to the client: counted, and read for the dialogue.
+    fn server_said(&self, bytes: &[u8]) {
+        self.add_daemon_out(bytes.len() as u64);
+        self.lock_dialogue().server_said(bytes);
+    }
+
+    fn lock_dialogue(&self) -> std::sync::MutexGuard<'_, Dialogue> {
+        self.dialogue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn paired(&self) -> Option<(u64, u64)> {
@@ -175,6 +231,15 @@ impl Transfer {
     }
 }
 
+/// When a connection counts as idle, and the name it is told at that point.
+#[derive(Clone, Copy, Debug)]
+pub struct IdleTimeout<'a> {
+    /// `timeout_idle`: no byte moved either way for this long.
+    pub after: std::time::Duration,
+    /// The name in the `421` a client at a command boundary is told ([`tell_idle_client`]).
+    pub hostname: &'a str,
+}
+
 /// The relay chosen at start-up.
 #[derive(Clone)]
 pub enum Relay {
@@ -242,8 +307,12 @@ impl Relay {
         client: TcpStream,
         server: TcpStream,
         live: &LiveTraffic,
-        timeout_idle: std::time::Duration,
+        idle: IdleTimeout<'_>,
     ) -> std::io::Result<Termination> {
+        let IdleTimeout {
+            after: timeout_idle,
+            hostname,
+        } = idle;
         // Urgent bytes stay in the stream on both paths (the verdict forwards them too).
         sockopt::keep_urgent_inline(&client)?;
         sockopt::keep_urgent_inline(&server)?;
@@ -251,21 +320,16 @@ impl Relay {
         let ended = match self {
             // Each phase boxed, so an idle connection holds only the state of the one it is in.
             Relay::Kernel(kernel) => {
-                return Box::pin(self.relay_with_kernel(
-                    kernel,
-                    client,
-                    server,
-                    live,
-                    timeout_idle,
-                    &ledger,
-                ))
+                return Box::pin(
+                    self.relay_with_kernel(kernel, client, server, live, idle, &ledger),
+                )
                 .await;
             }
             Relay::UserSpace => {
                 Box::pin(userspace::relay(&client, &server, live, timeout_idle)).await
             }
         };
-        Ok(self.finish(ended, &client, &server, live, &ledger))
+        Ok(self.finish(ended, &client, &server, live, &ledger, hostname))
     }
 
     /// The kernel relay's phases: user space until `kernel_relay_after` bytes streamed and
@@ -277,9 +341,13 @@ impl Relay {
         client: TcpStream,
         server: TcpStream,
         live: &LiveTraffic,
-        timeout_idle: std::time::Duration,
+        idle: IdleTimeout<'_>,
         ledger: &Ledger,
     ) -> std::io::Result<Termination> {
+        let IdleTimeout {
+            after: timeout_idle,
+            hostname,
+        } = idle;
         let (client_whole, server_whole) = ledger.initially_whole();
         let mut whole = userspace::Whole {
             client: client_whole,
@@ -297,7 +365,7 @@ impl Relay {
             ))
             .await;
             if let userspace::Phase::Finished(ended) = phase {
-                return Ok(self.finish(ended, &client, &server, live, ledger));
+                return Ok(self.finish(ended, &client, &server, live, ledger, hostname));
             }
         }
         let relayed = live.relayed(Some(kernel));
@@ -332,7 +400,7 @@ impl Relay {
                         return Ok(Termination::IntegrityError);
                     }
                 }
-                return Ok(self.finish(ended, &client, &server, live, ledger));
+                return Ok(self.finish(ended, &client, &server, live, ledger, hostname));
             }
             ledger::report(&violation, &client, &server);
             return Ok(Termination::IntegrityError);
@@ -341,12 +409,13 @@ impl Relay {
             kernel::Outcome::Ended(ended) => Ok(ended),
             kernel::Outcome::Refused(client, server) => {
                 let ended = Box::pin(userspace::relay(&client, &server, live, timeout_idle)).await;
-                Ok(self.finish(ended, &client, &server, live, ledger))
+                Ok(self.finish(ended, &client, &server, live, ledger, hostname))
             }
         }
     }
 
-    /// Balances the ledger of a connection that ended in user space and closes it.
+    /// Balances the ledger of a connection that ended in user space (its caller closes
+    /// it); at the idle timeout, tells the client so if it may be told.
     fn finish(
         &self,
         ended: Termination,
@@ -354,8 +423,10 @@ impl Relay {
         server: &TcpStream,
         live: &LiveTraffic,
         ledger: &Ledger,
+        hostname: &str,
     ) -> Termination {
-        let relayed = live.transfer(self, ended).relayed();
+        let transfer = live.transfer(self, ended);
+        let relayed = transfer.relayed();
         // Reset or timed out: bytes may rightly be left unrelayed; only the bounds hold.
         let checked = if ended == Termination::Closed {
             ledger.balance(client, server, relayed, Moment::End)
@@ -363,11 +434,87 @@ impl Relay {
             ledger.bounds(client, server, || relayed)
         };
         match checked {
-            Ok(()) => ended,
+            Ok(()) => {
+                // After the balance: the reply is the daemon's own bytes, not relayed ones.
+                if ended == Termination::IdleTimeout && transfer.kernel == 0 {
+                    tell_idle_client(client, live, hostname);
+                }
+                ended
+            }
             Err(violation) => {
                 ledger::report(&violation, client, server);
                 Termination::IntegrityError
             }
         }
+    }
+}
+
+/// At the idle timeout, tells the client `421 4.4.2 <hostname> Error: timeout exceeded`, as
+/// Postfix does, when that reply cannot land inside anything else: the daemon relayed every
+/// byte of the connection itself (the caller checks), the dialogue is at a command
+/// boundary ([`dialogue`]), and the client's socket has nothing left to send, so the reply
+/// goes out whole in one write. Otherwise the client just sees the connection close.
+fn tell_idle_client(client: &TcpStream, live: &LiveTraffic, hostname: &str) {
+    if !live.lock_dialogue().at_command_boundary() {
+        debug!("idle timeout: not at a command boundary, closing without a reply");
+        return;
+    }
+    if !sockopt::unacknowledged(client).is_ok_and(|queued| queued == 0) {
+        debug!("idle timeout: the client has not taken everything yet, closing without a reply");
+        return;
+    }
+    let reply = idle_reply(hostname);
+    match client.try_write(reply.as_bytes()) {
+        Ok(n) if n == reply.len() => debug!("idle timeout: told the client 421"),
+        outcome => debug!(?outcome, "idle timeout: the 421 did not go out whole"),
+    }
+}
+
+/// The reply a client at a command boundary gets at the idle timeout.
+fn idle_reply(hostname: &str) -> String {
+    format!("421 4.4.2 {hostname} Error: timeout exceeded\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transfer(bytes_in: u64, bytes_out: u64, kernel: u64) -> Transfer {
+        Transfer {
+            bytes_in,
+            bytes_out,
+            kernel,
+            ended: Termination::Closed,
+        }
+    }
+
+    #[test]
+    fn the_path_is_read_from_the_byte_counters() {
+        assert_eq!(transfer(0, 0, 0).path(), RelayPath::User);
+        assert_eq!(transfer(300, 283, 0).path(), RelayPath::User);
+        assert_eq!(transfer(300, 283, 583).path(), RelayPath::Kernel);
+        // The banner and the dialogue in user space, the message in the kernel.
+        assert_eq!(
+            transfer(1 << 20, 283, 1 << 20).path(),
+            RelayPath::UserAndKernel
+        );
+        assert_eq!(transfer(300, 283, 1).path(), RelayPath::UserAndKernel);
+    }
+
+    #[test]
+    fn the_idle_reply_is_postfix_s() {
+        assert_eq!(
+            idle_reply("mx.example.com"),
+            "421 4.4.2 mx.example.com Error: timeout exceeded\r\n"
+        );
+    }
+
+    #[test]
+    fn the_paths_have_the_names_the_log_uses() {
+        let names: Vec<String> = [RelayPath::User, RelayPath::Kernel, RelayPath::UserAndKernel]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(names, ["user", "kernel", "user+kernel"]);
     }
 }

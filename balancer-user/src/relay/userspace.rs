@@ -39,9 +39,13 @@ enum Forwarded {
 }
 
 /// Reads what `from` has queued, without waiting, and writes it to `to` as far as `to`
-/// takes it without waiting.
-fn forward(from: &TcpStream, to: &TcpStream) -> Result<Forwarded, Failed> {
-    SCRATCH.with_borrow_mut(|buffer| forward_through(buffer, from, to))
+/// takes it without waiting, reporting what it wrote to `relayed`.
+fn forward(
+    from: &TcpStream,
+    to: &TcpStream,
+    relayed: &impl Fn(&[u8]),
+) -> Result<Forwarded, Failed> {
+    SCRATCH.with_borrow_mut(|buffer| forward_through(buffer, from, to, relayed))
 }
 
 /// [`forward`] through a buffer of the caller's.
@@ -49,6 +53,7 @@ fn forward_through(
     buffer: &mut [u8],
     from: &TcpStream,
     to: &TcpStream,
+    relayed: &impl Fn(&[u8]),
 ) -> Result<Forwarded, Failed> {
     {
         let read = match from.try_read(buffer) {
@@ -67,6 +72,9 @@ fn forward_through(
                 Err(_) => return Err(Failed::Writer),
             }
         }
+        // Reported as written: a write that fails or times out half-way (or the future
+        // dropped at the idle timeout) still leaves the ledger exact.
+        relayed(&buffer[..written]);
         Ok(Forwarded::Chunk {
             read,
             rest: buffer[written..read].to_vec(),
@@ -77,14 +85,18 @@ fn forward_through(
 /// Once a hand-over is due: reads everything `from` has queued in one go, through a buffer
 /// larger than the queue, so the read comes back short unless bytes keep arriving while it
 /// copies. Returns the chunk and whether the read left the receive queue whole.
-fn forward_all(from: &TcpStream, to: &TcpStream) -> Result<(Forwarded, bool), Failed> {
+fn forward_all(
+    from: &TcpStream,
+    to: &TcpStream,
+    relayed: &impl Fn(&[u8]),
+) -> Result<(Forwarded, bool), Failed> {
     const MARGIN: usize = 64 * 1024;
     let queued = crate::sockopt::unread(from).map_err(|_| Failed::Reader)?;
     let size = usize::try_from(queued)
         .unwrap_or(usize::MAX)
         .saturating_add(MARGIN);
     let mut buffer = vec![0; size.min(MAX_DRAIN_READ)];
-    let forwarded = forward_through(&mut buffer, from, to)?;
+    let forwarded = forward_through(&mut buffer, from, to, relayed)?;
     let whole = match &forwarded {
         Forwarded::Chunk { read, .. } => {
             *read < buffer.len() && !crate::sockopt::at_urgent_mark(from).unwrap_or(true)
@@ -124,12 +136,12 @@ pub async fn relay(
     let last_activity = AtomicU64::new(0);
     let touch = || last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     let idle_since = || started + Duration::from_millis(last_activity.load(Ordering::Relaxed));
-    let upstream = copy_then_shutdown(client, server, timeout_idle, |n| {
-        live.add_daemon_in(n);
+    let upstream = copy_then_shutdown(client, server, timeout_idle, |bytes| {
+        live.client_said(bytes);
         touch();
     });
-    let downstream = copy_then_shutdown(server, client, timeout_idle, |n| {
-        live.add_daemon_out(n);
+    let downstream = copy_then_shutdown(server, client, timeout_idle, |bytes| {
+        live.server_said(bytes);
         touch();
     });
     tokio::pin!(upstream, downstream);
@@ -161,26 +173,23 @@ pub async fn relay(
     }
 }
 
-/// Copies until EOF, then shuts down the writer, reporting bytes written to `count`.
+/// Copies until EOF, then shuts down the writer, reporting the bytes written to `relayed`.
 async fn copy_then_shutdown(
     from: &TcpStream,
     to: &TcpStream,
     timeout_idle: Duration,
-    count: impl Fn(u64),
+    relayed: impl Fn(&[u8]),
 ) -> Result<(), Failed> {
     loop {
         from.readable().await.map_err(|_| Failed::Reader)?;
-        match forward(from, to)? {
+        match forward(from, to, &relayed)? {
             Forwarded::Nothing => {}
             Forwarded::Eof => {
                 shutdown_write(to);
                 return Ok(());
             }
-            Forwarded::Chunk { read, rest } => {
-                // Counted as written: a write that fails or times out half-way (or this
-                // future dropped at the idle timeout) still leaves the ledger exact.
-                count((read - rest.len()) as u64);
-                write_all(to, &rest, timeout_idle, &count).await?;
+            Forwarded::Chunk { rest, .. } => {
+                write_all(to, &rest, timeout_idle, &relayed).await?;
             }
         }
     }
@@ -291,15 +300,22 @@ pub async fn relay_until(
                 Termination::ClientReset,
             )
         };
+        let relayed = |bytes: &[u8]| {
+            if from_client {
+                live.client_said(bytes);
+            } else {
+                live.server_said(bytes);
+            }
+        };
         // Once a hand-over is due, each read takes the whole queue, so it can end whole.
         let due = moved >= threshold;
         let (forwarded, drained) = if due {
-            match forward_all(from, to) {
+            match forward_all(from, to, &relayed) {
                 Ok((forwarded, drained)) => (Ok(forwarded), drained),
                 Err(failed) => (Err(failed), false),
             }
         } else {
-            (forward(from, to), false)
+            (forward(from, to, &relayed), false)
         };
         let n = match forwarded {
             Ok(Forwarded::Nothing) => continue,
@@ -314,15 +330,7 @@ pub async fn relay_until(
                 continue;
             }
             Ok(Forwarded::Chunk { read, rest }) => {
-                let count = |n: u64| {
-                    if from_client {
-                        live.add_daemon_in(n);
-                    } else {
-                        live.add_daemon_out(n);
-                    }
-                };
-                count((read - rest.len()) as u64);
-                match write_all(to, &rest, timeout_idle, &count).await {
+                match write_all(to, &rest, timeout_idle, &relayed).await {
                     Ok(()) => {}
                     Err(Failed::Idle) => return Phase::Finished(Termination::IdleTimeout),
                     Err(_) => return Phase::Finished(failed_to),
@@ -350,7 +358,7 @@ async fn write_all(
     to: &TcpStream,
     mut bytes: &[u8],
     timeout_idle: Duration,
-    count: &impl Fn(u64),
+    relayed: &impl Fn(&[u8]),
 ) -> Result<(), Failed> {
     while !bytes.is_empty() {
         match tokio::time::timeout(timeout_idle, to.writable()).await {
@@ -360,7 +368,7 @@ async fn write_all(
         }
         match to.try_write(bytes) {
             Ok(n) => {
-                count(n as u64);
+                relayed(&bytes[..n]);
                 bytes = &bytes[n..];
             }
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
