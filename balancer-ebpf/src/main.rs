@@ -109,7 +109,10 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
             return SK_DROP;
         }
         traffic.trimmed += u64::from(stale);
-        debug!(&ctx, "mxlb: socket {} got {} bytes again, cut off", cookie, stale);
+        debug!(
+            &ctx,
+            "mxlb: socket {} got {} bytes again, cut off", cookie, stale
+        );
     }
     let len = u64::from(ctx.len());
     if len == 0 {
