@@ -368,7 +368,9 @@ fn drain_maint_and_admin_token() -> Result<()> {
 }
 
 /// The page a person looks at: loaded in headless Chromium, it shows a row per server with
-/// its state. The screenshot lands in target/ for docs/.
+/// its state, the health history columns (a server that never came up counted and
+/// coloured, one in maintenance showing checks off rather than its last result), a runtime
+/// weight marked, and the reloads tile in words. The screenshot lands in target/ for docs/.
 #[test]
 fn html_page_renders_in_chromium() -> Result<()> {
     let (up, _) = holding_backend()?;
@@ -397,18 +399,44 @@ fn html_page_renders_in_chromium() -> Result<()> {
                 addr: up,
                 send_proxy: "v1",
             },
+            ServerEntry {
+                name: "mail4",
+                addr: up,
+                send_proxy: "v1",
+            },
         ],
         keys,
     );
     let mxlb = Mxlb::start(&with_stats(&text, stats_addr, Some(TOKEN)), listen, &pins)?;
     let base = format!("http://{stats_addr}");
     mxlb.wait_for_log_count("server smtp/mail2 is DOWN", 1, Duration::from_secs(10))?;
-    let drain = post_json(
-        &format!("{base}/api/servers/smtp/mail3/state"),
-        Some(TOKEN),
-        &serde_json::json!({"state": "drain"}),
+    // mail4 checked once before it goes into maintenance: its last result must not show.
+    wait_until(
+        "mail4 checked",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let json = get_json(&format!("{base}/api/stats"))?;
+            let shown = json["listeners"][0]["servers"][3]["check_status"].as_str();
+            Ok(shown
+                .is_some_and(|check| check.starts_with("L4OK"))
+                .then_some(()))
+        },
     )?;
-    ensure!(drain.0 == 200, "{drain:?}");
+    for (server, state) in [("mail3", "drain"), ("mail4", "maint")] {
+        let answer = post_json(
+            &format!("{base}/api/servers/smtp/{server}/state"),
+            Some(TOKEN),
+            &serde_json::json!({ "state": state }),
+        )?;
+        ensure!(answer.0 == 200, "{server} {state}: {answer:?}");
+    }
+    let weight = post_json(
+        &format!("{base}/api/servers/smtp/mail1/weight"),
+        Some(TOKEN),
+        &serde_json::json!({"weight": 3}),
+    )?;
+    ensure!(weight.0 == 200, "{weight:?}");
     session_through(listen)?;
 
     let dir = tempfile::tempdir()?;
@@ -454,6 +482,42 @@ fn html_page_renders_in_chromium() -> Result<()> {
         dom.contains("L4OK") && dom.contains("L4CON"),
         "check results shown"
     );
+    // HAProxy's health history columns, and what they say of the server that never came up
+    // (mail2: its checks failed, counted and coloured) and of one in maintenance (mail4:
+    // checks off, not its last L4OK).
+    for header in ["Last change", "Downtime", ">Chk<", ">Dwn<"] {
+        ensure!(dom.contains(header), "no {header} column:\n{dom}");
+    }
+    let row = |id: &str| -> Result<String> {
+        let start = dom
+            .find(&format!("id=\"{id}\""))
+            .with_context(|| format!("no row {id}"))?;
+        let end = dom[start..].find("</tr>").context("unterminated row")?;
+        Ok(dom[start..start + end].to_owned())
+    };
+    let mail2 = row("srv-smtp-mail2")?;
+    let failed_checks: u64 = mail2
+        .rsplit("<td class=\"warn\">")
+        .nth(1)
+        .and_then(|cell| cell.split('<').next())
+        .and_then(|count| count.parse().ok())
+        .with_context(|| format!("no coloured failed-check count in {mail2}"))?;
+    ensure!(failed_checks >= 1, "{mail2}");
+    let mail4 = row("srv-smtp-mail4")?;
+    ensure!(
+        mail4.contains("data-status=\"MAINT\"")
+            && mail4.contains("MAINT (checks off)")
+            && !mail4.contains(">L4OK"),
+        "{mail4}"
+    );
+    // The runtime weight, marked against the file's.
+    ensure!(
+        row("srv-smtp-mail1")?.contains(">3*<"),
+        "{}",
+        row("srv-smtp-mail1")?
+    );
+    // The reloads tile says what its numbers are, uncoloured with no refused reload.
+    ensure!(dom.contains(">0 ok, 0 failed</dd>"), "reloads tile:\n{dom}");
 
     let screenshot =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/stats-page.png");
