@@ -86,20 +86,34 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
         let cb = ctx.skb.cb();
         (cb[0], cb[1])
     };
-    // Where the stream stood before this chunk: the end of the last chunk this program saw,
-    // or for the first one after the insert, what user space had read.
-    let delivered = if traffic.flags & SEQ_KNOWN != 0 {
-        Some(traffic.next_seq)
+    // Trust the control block only where it describes this chunk (its span is the chunk's
+    // length, one more with a FIN): on a kernel that keeps something else there, nothing is
+    // cut, and the ledger alone guards the stream.
+    let span = end_seq.wrapping_sub(seq);
+    let stale = if span == len as u32 || span == len as u32 + 1 {
+        // Where the stream stood before this chunk: the end of the last chunk this program
+        // saw, or for the first one after the insert, what user space had read. (Plain
+        // integers, not an Option: the verifier rejects the undefined payload LLVM may
+        // read for a None.)
+        let (known, delivered) = if traffic.flags & SEQ_KNOWN != 0 {
+            (true, traffic.next_seq)
+        } else {
+            read_by_user_space(&ctx)
+        };
+        // Only forwards: a chunk wholly behind (cut to nothing below) must not pull the
+        // mark back, or the next new chunk would look stale.
+        if traffic.flags & SEQ_KNOWN == 0 || (end_seq.wrapping_sub(traffic.next_seq) as i32) > 0 {
+            traffic.next_seq = end_seq;
+        }
+        traffic.flags |= SEQ_KNOWN;
+        if known {
+            stale_head(delivered, seq, len as u32)
+        } else {
+            0
+        }
     } else {
-        read_by_user_space(&ctx)
+        0
     };
-    let stale = delivered.map_or(0, |next_seq| stale_head(next_seq, seq, len as u32));
-    // Only forwards: a chunk wholly behind (cut to nothing below) must not pull the mark
-    // back, or the next new chunk would look stale.
-    if traffic.flags & SEQ_KNOWN == 0 || (end_seq.wrapping_sub(traffic.next_seq) as i32) > 0 {
-        traffic.next_seq = end_seq;
-    }
-    traffic.flags |= SEQ_KNOWN;
     if stale > 0 {
         // Bytes this socket delivered before, handed over again (a retransmission TCP
         // queued untrimmed): cut them off, so they are neither relayed twice nor counted.
@@ -158,25 +172,29 @@ pub fn mxlb_verdict(ctx: SkBuffContext) -> u32 {
 }
 
 /// The socket's `copied_seq`: the next byte its reader takes. Before this program has taken
-/// any chunk of the socket, that is where user space stopped reading. `None` if unknown.
-fn read_by_user_space(ctx: &SkBuffContext) -> Option<u32> {
+/// any chunk of the socket, that is where user space stopped reading. `(false, 0)` if
+/// unknown.
+fn read_by_user_space(ctx: &SkBuffContext) -> (bool, u32) {
     let offset = MXLB_COPIED_SEQ_OFFSET.load();
     if offset == 0 {
-        return None;
+        return (false, 0);
     }
     // SAFETY: reading the skb's socket pointer from the context, which the verifier allows.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return None;
+        return (false, 0);
     }
     // SAFETY: the helper checks that the socket is a TCP one, or returns null.
     let tcp = unsafe { bpf_skc_to_tcp_sock(sk.cast::<c_void>()) };
     if tcp.is_null() {
-        return None;
+        return (false, 0);
     }
     // SAFETY: a 4-byte read inside `struct tcp_sock`, at the offset the kernel's BTF gives;
     // the helper fails cleanly rather than fault.
-    unsafe { bpf_probe_read_kernel(tcp.cast::<u8>().add(offset as usize).cast::<u32>()) }.ok()
+    match unsafe { bpf_probe_read_kernel(tcp.cast::<u8>().add(offset as usize).cast::<u32>()) } {
+        Ok(copied_seq) => (true, copied_seq),
+        Err(_) => (false, 0),
+    }
 }
 
 /// The most `bpf_skb_adjust_room` removes from an sk_skb at once.
