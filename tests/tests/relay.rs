@@ -653,7 +653,8 @@ fn idle_client_is_not_told_421_inside_a_line_a_reply_or_data_before_the_hand_ove
 
 /// Where the idle timeout's `421` could land inside something else, the client is only
 /// closed on: a client idle in the middle of its command line, a server idle in the middle
-/// of a multi-line reply, a client idle inside DATA (complete lines, no `.` yet).
+/// of a multi-line reply, a client idle inside DATA (complete lines, no `.` yet), a client
+/// waiting for the reply to its command, a client about to start TLS.
 fn idle_client_is_not_told_421_inside_a_line_a_reply_or_data(
     relay: RelayKind,
 ) -> anyhow::Result<()> {
@@ -663,10 +664,20 @@ fn idle_client_is_not_told_421_inside_a_line_a_reply_or_data(
         match connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
             0 => stream.write_all(b"220 mx\r\n")?,
             1 => stream.write_all(b"220-mx says more\r\n")?,
-            _ => {
+            2 => {
                 stream.write_all(b"220 mx\r\n")?;
                 ensure!(read_line(&mut stream)? == "DATA\r\n");
                 stream.write_all(b"354 go ahead\r\n")?;
+            }
+            // A command the server takes its time over: its reply, not ours, is due.
+            3 => {
+                stream.write_all(b"220 mx\r\n")?;
+                ensure!(read_line(&mut stream)? == "NOOP\r\n");
+            }
+            _ => {
+                stream.write_all(b"220 mx\r\n")?;
+                ensure!(read_line(&mut stream)? == "STARTTLS\r\n");
+                stream.write_all(b"220 2.0.0 Ready to start TLS\r\n")?;
             }
         }
         let mut sink = Vec::new();
@@ -675,13 +686,20 @@ fn idle_client_is_not_told_421_inside_a_line_a_reply_or_data(
     })?;
     let mxlb = start_with_idle_timeout(&format!("idle-no-421-{relay:?}"), relay, backend.addr)?;
     let listen = mxlb.listen;
-    let cases: [(&str, &str, &[&[u8]]); 3] = [
+    let cases: [(&str, &str, &[&[u8]]); 5] = [
         ("220 mx\r\n", "", &[b"EHLO exa"]),
         ("220-mx says more\r\n", "", &[]),
         (
             "220 mx\r\n",
             "354 go ahead\r\n",
             &[b"DATA\r\n", b"Subject: idle\r\n\r\nfirst line\r\n"],
+        ),
+        ("220 mx\r\n", "", &[b"NOOP\r\n"]),
+        // After an accepted STARTTLS the stream is TLS: no plain-text line belongs there.
+        (
+            "220 mx\r\n",
+            "220 2.0.0 Ready to start TLS\r\n",
+            &[b"STARTTLS\r\n"],
         ),
     ];
     for (banner, reply, sent) in cases {

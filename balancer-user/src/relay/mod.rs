@@ -437,7 +437,7 @@ impl Relay {
             Ok(()) => {
                 // After the balance: the reply is the daemon's own bytes, not relayed ones.
                 if ended == Termination::IdleTimeout && transfer.kernel == 0 {
-                    tell_idle_client(client, live, hostname);
+                    tell_idle_client(client, server, live, hostname);
                 }
                 ended
             }
@@ -452,15 +452,23 @@ impl Relay {
 /// At the idle timeout, tells the client `421 4.4.2 <hostname> Error: timeout exceeded`, as
 /// Postfix does, when that reply cannot land inside anything else: the daemon relayed every
 /// byte of the connection itself (the caller checks), the dialogue is at a command
-/// boundary ([`dialogue`]), and the client's socket has nothing left to send, so the reply
-/// goes out whole in one write. Otherwise the client just sees the connection close.
-fn tell_idle_client(client: &TcpStream, live: &LiveTraffic, hostname: &str) {
+/// boundary ([`dialogue`]), the client's socket has nothing left to send, so the reply
+/// goes out whole in one write, and neither socket holds bytes not yet relayed. Otherwise the client just sees the connection close.
+fn tell_idle_client(client: &TcpStream, server: &TcpStream, live: &LiveTraffic, hostname: &str) {
     if !live.lock_dialogue().at_command_boundary() {
         debug!("idle timeout: not at a command boundary, closing without a reply");
         return;
     }
     if !sockopt::unacknowledged(client).is_ok_and(|queued| queued == 0) {
         debug!("idle timeout: the client has not taken everything yet, closing without a reply");
+        return;
+    }
+    // Bytes that arrived as the timer fired: a server reply the 421 would stand in for (the
+    // client retrying a message the server accepted), or a client command.
+    if !(sockopt::unread(client).is_ok_and(|n| n == 0)
+        && sockopt::unread(server).is_ok_and(|n| n == 0))
+    {
+        debug!("idle timeout: bytes arrived unread, closing without a reply");
         return;
     }
     let reply = idle_reply(hostname);
