@@ -67,6 +67,22 @@ pub struct KernelRelay {
     _ebpf: Ebpf,
 }
 
+/// The verdict reads the socket's TCP sequence state (`bpf_skc_to_tcp_sock`,
+/// `bpf_probe_read_kernel`), which needs `CAP_PERFMON` (or `CAP_SYS_ADMIN`); without it the
+/// verifier also checks speculative paths and gives up on the program's branches ("The
+/// sequence of 8193 jumps is too complex"). Said plainly before the verifier says that.
+fn require_perfmon() -> anyhow::Result<()> {
+    use caps::{CapSet, Capability};
+    let has = |cap| caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false);
+    if has(Capability::CAP_PERFMON) || has(Capability::CAP_SYS_ADMIN) {
+        return Ok(());
+    }
+    bail!(
+        "the kernel relay needs CAP_PERFMON (its program reads TCP sequence state); add it \
+         to the unit's CapabilityBoundingSet= (docs/operations.md, \"Privileges\")"
+    )
+}
+
 impl KernelRelay {
     /// Loads and attaches the relay, sized for `max_connections` relayed connections. Needs a
     /// tokio runtime.
@@ -76,6 +92,7 @@ impl KernelRelay {
         max_inflight: u64,
         relay_after: u64,
     ) -> anyhow::Result<KernelRelay> {
+        require_perfmon()?;
         let pin_dir_fd = ensure_bpffs(pin_dir)?;
         let max_sockets = max_connections.saturating_mul(2).max(2);
         // aya-log-ebpf checks this level before formatting anything: 0 turns the program's
