@@ -69,7 +69,12 @@ fn forward_through(
             match to.try_write(&buffer[written..read]) {
                 Ok(n) => written += n,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => return Err(Failed::Writer),
+                Err(_) => {
+                    // What went out before the error went out: the ledger counts it, or
+                    // a reset would look like the peer took more than was relayed.
+                    relayed(&buffer[..written]);
+                    return Err(Failed::Writer);
+                }
             }
         }
         // Reported as written: a write that fails or times out half-way (or the future
