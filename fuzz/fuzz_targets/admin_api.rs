@@ -3,8 +3,8 @@
 //! Inputs that are not a well-formed method, URI or header are skipped: hyper refuses
 //! those before the router sees them.
 //!
-//! Besides "never panics": no request reaches `set_state` unless it carried the admin
-//! token.
+//! Besides "never panics": no request reaches `set_state`, `set_weight` or
+//! `running_config` unless it carried the admin token.
 #![no_main]
 
 use std::sync::{Arc, LazyLock, Mutex};
@@ -23,16 +23,12 @@ const TOKEN: &str = "fuzz-admin-token";
 /// every admin call that reaches it.
 struct Fake {
     snapshot: StatsSnapshot,
-    calls: Mutex<Vec<(String, String, AdminState)>>,
+    calls: Mutex<Vec<String>>,
 }
 
-impl StatsSource for Fake {
-    fn snapshot(&self) -> StatsSnapshot {
-        self.snapshot.clone()
-    }
-
-    fn set_state(&self, listener: &str, server: &str, state: AdminState) -> Result<(), AdminError> {
-        let call = (listener.to_owned(), server.to_owned(), state);
+impl Fake {
+    /// Records an admin call on `listener/server` and answers as the daemon would.
+    fn admin_call(&self, call: String, listener: &str, server: &str) -> Result<(), AdminError> {
         self.calls.lock().unwrap().push(call);
         match (listener, server) {
             ("smtp", "mx1" | "mx2") => Ok(()),
@@ -42,6 +38,33 @@ impl StatsSource for Fake {
             }),
             _ => Err(AdminError::UnknownListener(listener.to_owned())),
         }
+    }
+}
+
+impl StatsSource for Fake {
+    fn snapshot(&self) -> StatsSnapshot {
+        self.snapshot.clone()
+    }
+
+    fn set_state(&self, listener: &str, server: &str, state: AdminState) -> Result<(), AdminError> {
+        self.admin_call(
+            format!("set_state {listener}/{server} {state:?}"),
+            listener,
+            server,
+        )
+    }
+
+    fn set_weight(&self, listener: &str, server: &str, weight: u32) -> Result<(), AdminError> {
+        self.admin_call(
+            format!("set_weight {listener}/{server} {weight}"),
+            listener,
+            server,
+        )
+    }
+
+    fn running_config(&self) -> String {
+        self.calls.lock().unwrap().push("running_config".to_owned());
+        "[global]\n".to_owned()
     }
 }
 
@@ -114,7 +137,7 @@ fuzz_target!(|data: &[u8]| {
     let calls = h.fake.calls.lock().unwrap();
     assert!(
         has_token || calls.is_empty(),
-        "set_state reached without the token: {calls:?}"
+        "an admin call reached without the token: {calls:?}"
     );
 });
 
