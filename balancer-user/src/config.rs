@@ -16,8 +16,8 @@ use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::privilege::RunAs;
@@ -152,7 +152,7 @@ pub struct Syslog {
 }
 
 /// The syslog facilities of RFC 5424, 6.2.1, by their usual names.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Facility {
     Kern,
@@ -207,7 +207,7 @@ impl Facility {
 }
 
 /// The header syslog messages carry.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyslogFormat {
     /// `<PRI>Mmm dd hh:mm:ss HOSTNAME mxlb[PID]: MSG` (RFC 3164, 4.1).
@@ -276,7 +276,7 @@ pub fn own_hostname(global: &Global) -> String {
 }
 
 /// How established connections are relayed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayMode {
     /// The sockmap if the kernel allows it, otherwise userspace.
@@ -288,7 +288,7 @@ pub enum RelayMode {
     Userspace,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -422,7 +422,7 @@ pub struct Check {
     pub timeout: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckType {
     /// Banner, HELO/EHLO, QUIT; only 2xx replies pass (HAProxy `option smtpchk`).
@@ -471,7 +471,7 @@ pub struct Server {
     pub maxconn: u32,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SendProxy {
     #[default]

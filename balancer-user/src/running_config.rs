@@ -10,9 +10,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::config::{
-    CheckType, Config, Global, Listener, LogFormat, RelayMode, SendProxy, Server, Stats,
-};
+use serde::Serialize;
+
+use crate::config::{Config, Global, Listener, Server, Stats};
 
 /// Where the token would be: a comment, so that copying the text gives a daemon with the
 /// admin API off rather than one whose token is a placeholder.
@@ -38,6 +38,13 @@ fn quoted(text: &str) -> String {
     toml::Value::String(text.to_owned()).to_string()
 }
 
+/// A configuration enum as the file spells it: its serde name, the one parsing reads.
+fn named(value: impl Serialize) -> String {
+    toml::Value::try_from(value)
+        .map(|value| value.to_string())
+        .expect("a unit enum serializes to a TOML string")
+}
+
 fn duration(value: Duration) -> String {
     quoted(&humantime::format_duration(value).to_string())
 }
@@ -50,19 +57,10 @@ fn key(out: &mut String, name: &str, value: impl std::fmt::Display) {
 fn global(out: &mut String, global: &Global) {
     out.push_str("\n[global]\n");
     key(out, "pin_path", quoted(&global.pin_path.to_string_lossy()));
-    let relay = match global.relay {
-        RelayMode::Auto => "auto",
-        RelayMode::Sockmap => "sockmap",
-        RelayMode::Userspace => "userspace",
-    };
-    key(out, "relay", quoted(relay));
+    key(out, "relay", named(global.relay));
     key(out, "maxconn", global.maxconn);
     key(out, "grace", duration(global.grace));
-    let log_format = match global.log_format {
-        LogFormat::Text => "text",
-        LogFormat::Json => "json",
-    };
-    key(out, "log_format", quoted(log_format));
+    key(out, "log_format", named(global.log_format));
     key(out, "max_inflight", global.max_inflight);
     key(out, "kernel_relay_after", global.kernel_relay_after);
     key(out, "threads", global.threads);
@@ -118,12 +116,7 @@ fn listener(out: &mut String, listener: &Listener) {
 
     let check = &listener.check;
     out.push_str("\n[listen.check]\n");
-    let kind = match check.kind {
-        CheckType::Smtp => "smtp",
-        CheckType::Tcp => "tcp",
-        CheckType::None => "none",
-    };
-    key(out, "type", quoted(kind));
+    key(out, "type", named(check.kind));
     key(out, "verb", quoted(check.verb.as_str()));
     key(out, "domain", quoted(&check.domain));
     key(out, "inter", duration(check.inter));
@@ -142,12 +135,7 @@ fn server(out: &mut String, server: &Server) {
     out.push_str("\n[[listen.server]]\n");
     key(out, "name", quoted(&server.name));
     key(out, "addr", quoted(&server.addr.to_string()));
-    let send_proxy = match server.send_proxy {
-        SendProxy::None => "none",
-        SendProxy::V1 => "v1",
-        SendProxy::V2 => "v2",
-    };
-    key(out, "send_proxy", quoted(send_proxy));
+    key(out, "send_proxy", named(server.send_proxy));
     key(out, "weight", server.weight);
     key(out, "backup", server.backup);
     key(out, "check", server.check);
