@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Config, Global, Listener, Server, Stats};
+use crate::config::{Config, Global, Listener, LogTarget, Server, Stats};
 
 /// Where the token would be: a comment, so that copying the text gives a daemon with the
 /// admin API off rather than one whose token is a placeholder.
@@ -70,6 +70,22 @@ fn global(out: &mut String, global: &Global) {
     }
     if let Some(path) = &global.upgrade_socket {
         key(out, "upgrade_socket", quoted(&path.to_string_lossy()));
+    }
+    match &global.log_target {
+        LogTarget::Stderr => key(out, "log_target", quoted("stderr")),
+        LogTarget::Syslog(syslog) => {
+            key(out, "log_target", quoted("syslog"));
+            key(
+                out,
+                "syslog_socket",
+                quoted(&syslog.socket.to_string_lossy()),
+            );
+            key(out, "syslog_facility", named(syslog.facility));
+            key(out, "syslog_format", named(syslog.format));
+        }
+    }
+    if let Some(hostname) = &global.hostname {
+        key(out, "hostname", quoted(hostname));
     }
 }
 
@@ -159,6 +175,11 @@ max_inflight = "1MiB"
 kernel_relay_after = 0
 threads = 3
 upgrade_socket = "/run/mxlb/up.sock"
+log_target = "syslog"
+syslog_socket = "/run/other.sock"
+syslog_facility = "local3"
+syslog_format = "rfc5424"
+hostname = "mx.example.com"
 
 [stats]
 bind = "127.0.0.1:8405"
